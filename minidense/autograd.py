@@ -1,0 +1,419 @@
+"""Reverse-mode automatic differentiation: ``Tensor``, ``Function`` and ``backward``.
+
+The graph
+---------
+Every op is a ``Function`` subclass with ``forward`` and ``backward`` on raw arrays.
+Calling a Function on Tensors runs ``forward`` and, when a gradient is wanted,
+records a node: the Function object itself.  A node remembers
+
+* ``next_edges``: for each input, where its gradient must go: the producing node
+  and which of its outputs it was (a non-leaf input), the leaf Tensor itself (a
+  leaf input, whose ``.grad`` accumulates), or None (no gradient wanted);
+* ``saved``: exactly the arrays its ``backward`` needs, declared by the op with
+  ``save_for_backward``; nothing else.
+
+A node does not hold its input Tensors, so an intermediate activation that no
+backward needs is freed as soon as the Python code drops it.
+
+The backward order
+------------------
+``Tensor.backward`` visits nodes in reverse topological order without recursion:
+each node has a *generation*, one more than the newest node among its inputs, and a
+heap pops the newest node first.  Every consumer of a node's outputs is newer than
+the node, so by the time a node is popped all of its output gradients have arrived.
+Gradients of a node's outputs live in a dict only until the node has run; saved
+arrays are dropped after the node's backward unless ``retain_graph=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import weakref
+
+import numpy as np
+
+from . import backend
+
+# ---------------------------------------------------------------------------
+# Grad mode
+# ---------------------------------------------------------------------------
+_grad_enabled = True
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+class _GradMode(contextlib.ContextDecorator):
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        global _grad_enabled
+        self.previous = _grad_enabled
+        _grad_enabled = self.enabled
+
+    def __exit__(self, *exc):
+        global _grad_enabled
+        _grad_enabled = self.previous
+        return False
+
+
+def no_grad():
+    """Context manager and decorator: ops inside record no graph."""
+    return _GradMode(False)
+
+
+def enable_grad():
+    return _GradMode(True)
+
+
+# ---------------------------------------------------------------------------
+# Dtype rule
+# ---------------------------------------------------------------------------
+DEFAULT_FLOAT = np.float32
+
+
+def _as_array(data, dtype, device):
+    """The dtype rule, in one place.
+
+    * An explicit ``dtype`` always wins.
+    * A NumPy/CuPy array keeps its dtype (float64 stays float64 for gradient checks).
+    * Python numbers and lists become float32 when they hold any float, int64 otherwise
+      (PyTorch's rule, so training runs in float32 unless asked otherwise).
+    Op results follow NumPy's promotion between the arrays; a Python scalar operand
+    never changes the tensor's dtype.
+    """
+    if isinstance(data, Tensor):
+        data = data.data
+    if backend.is_array(data):
+        array = backend.to_device(data, device or backend.device_of(data))
+        return array if dtype is None else array.astype(dtype, copy=False)
+    xp = backend.array_module(device or "cpu")
+    if dtype is None:
+        probe = np.asarray(data)
+        if probe.dtype.kind == "f":
+            dtype = DEFAULT_FLOAT
+        elif probe.dtype.kind in "iu":
+            dtype = np.int64
+        elif probe.dtype.kind == "b":
+            dtype = np.bool_
+        else:
+            raise TypeError(f"tensor(): cannot make a tensor from data of type {probe.dtype}")
+    return xp.asarray(data, dtype=dtype)
+
+
+def _is_float(dtype) -> bool:
+    return np.dtype(dtype).kind == "f"
+
+
+# ---------------------------------------------------------------------------
+# Tensor
+# ---------------------------------------------------------------------------
+class Tensor:
+    """An n-dimensional array that can remember how it was computed.
+
+    ``data`` is the raw NumPy or CuPy array; ``grad`` is a Tensor (or None) filled by
+    ``backward`` for leaves that require a gradient; ``grad_fn`` is the node that
+    produced this tensor (None for a leaf).
+    """
+
+    __array_priority__ = 1000  # so that ndarray + Tensor calls Tensor.__radd__
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None, device=None):
+        self.data = _as_array(data, dtype, device)
+        self.grad: Tensor | None = None
+        self.grad_fn: Function | None = None
+        self.output_index = 0
+        self._retain_grad = False
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_(True)
+
+    # -- properties --------------------------------------------------------
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self):
+        return self.data.size
+
+    @property
+    def device(self) -> str:
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.grad_fn is None
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        body = np.array2string(self.numpy(), separator=", ", precision=4, threshold=20)
+        extras = []
+        if self.device != "cpu":
+            extras.append(f"device='{self.device}'")
+        if self.dtype != np.float32:
+            extras.append(f"dtype={self.dtype}")
+        if self.grad_fn is not None:
+            extras.append(f"grad_fn=<{type(self.grad_fn).__name__}>")
+        elif self.requires_grad:
+            extras.append("requires_grad=True")
+        return "tensor(" + ", ".join([body] + extras) + ")"
+
+    # -- autograd ----------------------------------------------------------
+    def requires_grad_(self, flag: bool = True) -> "Tensor":
+        if flag and not _is_float(self.dtype):
+            raise TypeError(f"requires_grad: only floating-point tensors can require a gradient, "
+                            f"got dtype {self.dtype} (shape {self.shape})")
+        if not self.is_leaf and not flag:
+            raise RuntimeError("requires_grad_(False) on a non-leaf tensor: use detach() instead")
+        self.requires_grad = flag
+        return self
+
+    def retain_grad(self) -> None:
+        """Keep ``.grad`` for this non-leaf tensor after backward."""
+        self._retain_grad = True
+
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        run_backward(self, grad, retain_graph)
+
+    def detach(self) -> "Tensor":
+        """The same data (shared, not copied), cut from the graph."""
+        return Tensor(self.data)
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    # -- conversions -------------------------------------------------------
+    def numpy(self) -> np.ndarray:
+        """A host copy of the data as a NumPy array."""
+        return np.array(backend.to_numpy(self.data), copy=True)
+
+    def item(self):
+        if self.size != 1:
+            raise ValueError(f"item(): only a one-element tensor converts to a Python number, "
+                             f"got shape {self.shape}")
+        return self.data.reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def to(self, device=None, dtype=None) -> "Tensor":
+        """A copy on ``device`` and/or in ``dtype`` (self when nothing changes).
+
+        Gradients flow back through the move, so a model can be moved mid-graph.
+        """
+        from .functions.array import to_device_and_dtype
+        device = backend.check_device(device) if device is not None else self.device
+        if device == self.device and (dtype is None or np.dtype(dtype) == self.dtype):
+            return self
+        return to_device_and_dtype(self, device, dtype)
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self):
+        return self.to("cuda")
+
+    def float(self):
+        return self.to(dtype=np.float32)
+
+    def double(self):
+        return self.to(dtype=np.float64)
+
+    def astype(self, dtype):
+        return self.to(dtype=dtype)
+
+    # Operators and methods (sum, reshape, ...) are attached in ``functions``.
+
+
+def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor:
+    """Make a Tensor from a list, a number or an array (see the dtype rule above)."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
+
+
+def as_tensor(value, like: Tensor | None = None) -> Tensor:
+    """``value`` as a Tensor; Python numbers take the dtype and device of ``like``."""
+    if isinstance(value, Tensor):
+        return value
+    if like is not None and not backend.is_array(value):
+        xp = backend.get_array_module(like.data)
+        probe = np.asarray(value)
+        dtype = like.dtype if (probe.dtype.kind != "f" or _is_float(like.dtype)) else DEFAULT_FLOAT
+        return Tensor(xp.asarray(value, dtype=dtype))
+    return Tensor(value)
+
+
+# ---------------------------------------------------------------------------
+# Function: one node of the graph
+# ---------------------------------------------------------------------------
+_node_counter = itertools.count()
+
+
+class Function:
+    """Base class of every op.
+
+    Subclasses implement ``forward(*arrays)`` and ``backward(*grad_outputs)`` on raw
+    arrays.  ``forward`` returns an array or a tuple of arrays and calls
+    ``save_for_backward`` with exactly the arrays ``backward`` will need; small
+    non-array facts (shapes, axes) go in plain attributes.  ``backward`` returns one
+    gradient per input (or None for an input that gets none); it receives None for an
+    output whose gradient is zero only when ``accepts_none_grads`` is set, otherwise
+    zeros.
+    """
+
+    accepts_none_grads = False
+
+    def __call__(self, *inputs):
+        tensors = [as_tensor(x) for x in inputs]
+        _check_same_device(type(self).__name__, tensors)
+        self.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        record = _grad_enabled and any(self.needs_input_grad)
+        self.saved = ()
+        outputs = self.forward(*[t.data for t in tensors])
+        single = not isinstance(outputs, tuple)
+        if single:
+            outputs = (outputs,)
+        results = [Tensor(y) for y in outputs]
+        if record:
+            self.next_edges = tuple(_edge_of(t) for t in tensors)
+            self.generation = max((e[0].generation for e in self.next_edges
+                                   if e is not None and isinstance(e[0], Function)), default=-1) + 1
+            self.output_meta = tuple((y.shape, y.dtype) for y in outputs)
+            self.outputs = [weakref.ref(r) for r in results]
+            self.order = next(_node_counter)
+            for i, r in enumerate(results):
+                if _is_float(r.dtype):
+                    r.requires_grad = True
+                    r.grad_fn = self
+                    r.output_index = i
+        else:
+            self.saved = ()  # nothing will call backward: keep nothing
+        return results[0] if single else tuple(results)
+
+    def save_for_backward(self, *arrays):
+        self.saved = arrays
+
+    def release(self):
+        """Drop the arrays kept for backward (after backward, unless retain_graph)."""
+        self.saved = None
+
+    def forward(self, *xs):
+        raise NotImplementedError
+
+    def backward(self, *gys):
+        raise NotImplementedError
+
+    def __lt__(self, other):  # heap tie-break: newest node first
+        return self.order > other.order
+
+
+def _edge_of(t: Tensor):
+    if not t.requires_grad:
+        return None
+    if t.grad_fn is not None:
+        return (t.grad_fn, t.output_index)
+    return (t, 0)
+
+
+def _check_same_device(op_name: str, tensors) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        described = ", ".join(f"{t.device} {tuple(t.shape)}" for t in tensors)
+        raise RuntimeError(f"{op_name}: all inputs must be on one device, got {described}; "
+                           f"move them with .to(device) first")
+
+
+# ---------------------------------------------------------------------------
+# The backward pass
+# ---------------------------------------------------------------------------
+def _accumulate(existing, new):
+    """Sum two gradient arrays without writing into either (they may be shared)."""
+    return new if existing is None else existing + new
+
+
+def _accumulate_into_leaf(leaf: Tensor, grad) -> None:
+    if grad.shape != leaf.shape:
+        raise RuntimeError(f"backward: gradient of shape {grad.shape} for a tensor of shape "
+                           f"{leaf.shape} (an op's backward returned the wrong shape)")
+    if leaf.grad is None:
+        # A copy, so that no .grad aliases another gradient or the upstream one.
+        leaf.grad = Tensor(grad.astype(leaf.dtype, copy=True))
+    else:
+        leaf.grad.data += grad
+
+
+def run_backward(root: Tensor, grad=None, retain_graph: bool = False) -> None:
+    if not root.requires_grad:
+        raise RuntimeError("backward: this tensor does not require a gradient and has no grad_fn "
+                           "(did you forget requires_grad=True, or run under no_grad?)")
+    xp = backend.get_array_module(root.data)
+    if grad is None:
+        if root.size != 1:
+            raise RuntimeError(f"backward: grad can be implicitly created only for a scalar output, "
+                               f"got shape {root.shape}; pass backward(grad) with that shape")
+        grad = xp.ones(root.shape, dtype=root.dtype)
+    else:
+        grad = _as_array(grad, None, root.device)
+        if grad.shape != root.shape:
+            raise RuntimeError(f"backward: grad has shape {grad.shape} but the tensor has shape "
+                               f"{root.shape}")
+    if root.grad_fn is None:
+        _accumulate_into_leaf(root, grad)
+        return
+
+    pending = {}   # node -> list of gradient arrays, one per output
+    heap = []
+    root_node = root.grad_fn
+    pending[root_node] = [None] * len(root_node.output_meta)
+    pending[root_node][root.output_index] = grad
+    heapq.heappush(heap, (-root_node.generation, root_node))
+    while heap:
+        _, node = heapq.heappop(heap)
+        gys = pending.pop(node)
+        if node.saved is None:
+            raise RuntimeError(f"backward: {type(node).__name__} was already backpropagated and its "
+                               f"saved arrays freed; pass retain_graph=True to the first backward "
+                               f"to go through the graph twice")
+        for i, ref in enumerate(node.outputs):  # retain_grad on non-leaf outputs
+            out = ref()
+            if out is not None and out._retain_grad and gys[i] is not None:
+                _accumulate_into_leaf(out, gys[i])
+        if not node.accepts_none_grads:
+            gys = [g if g is not None else xp.zeros(shape, dtype)
+                   for g, (shape, dtype) in zip(gys, node.output_meta)]
+        gxs = node.backward(*gys)
+        del gys
+        if not isinstance(gxs, tuple):
+            gxs = (gxs,)
+        if len(gxs) != len(node.next_edges):
+            raise RuntimeError(f"{type(node).__name__}.backward returned {len(gxs)} gradients for "
+                               f"{len(node.next_edges)} inputs")
+        if not retain_graph:
+            node.release()
+        for edge, gx in zip(node.next_edges, gxs):
+            if edge is None or gx is None:
+                continue
+            target, index = edge
+            if isinstance(target, Tensor):
+                _accumulate_into_leaf(target, gx)
+            else:
+                slots = pending.get(target)
+                if slots is None:
+                    slots = pending[target] = [None] * len(target.output_meta)
+                    heapq.heappush(heap, (-target.generation, target))
+                slots[index] = _accumulate(slots[index], gx)
+        del gxs
+

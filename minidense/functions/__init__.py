@@ -1,0 +1,61 @@
+"""All ops, grouped by family as in Chainer, and the Tensor operators built on them."""
+from __future__ import annotations
+
+from .. import backend
+from ..autograd import Tensor, as_tensor
+from .activation import relu, sigmoid, tanh
+from .array import concat, flatten, getitem, reshape, to_device_and_dtype, transpose
+from .connection import conv2d, linear
+from .loss import cross_entropy, log_softmax_array
+from .math import add, div, exp, log, matmul, max, mean, mul, neg, pow, sqrt, sub, sum
+from .noise import dropout
+from .normalization import batch_norm
+from .pooling import avg_pool2d, global_avg_pool2d, max_pool2d
+
+
+def _reflected(fn):
+    return lambda self, other: fn(as_tensor(other, like=self), self)
+
+
+def _compare(op):
+    def method(self, other):
+        other = other.data if isinstance(other, Tensor) else other
+        return Tensor(op(self.data, other))
+    return method
+
+
+def _argmax(self, axis=None):
+    return Tensor(self.data.argmax(axis=axis))
+
+
+def _install_tensor_methods():
+    import operator
+    T = Tensor
+    T.__add__, T.__radd__ = add, _reflected(add)
+    T.__sub__, T.__rsub__ = sub, _reflected(sub)
+    T.__mul__, T.__rmul__ = mul, _reflected(mul)
+    T.__truediv__, T.__rtruediv__ = div, _reflected(div)
+    T.__matmul__, T.__rmatmul__ = matmul, _reflected(matmul)
+    T.__pow__ = pow
+    T.__rpow__ = _reflected(pow)
+    T.__neg__ = neg
+    T.__getitem__ = getitem
+    for name, op in (("__eq__", operator.eq), ("__ne__", operator.ne), ("__lt__", operator.lt),
+                     ("__le__", operator.le), ("__gt__", operator.gt), ("__ge__", operator.ge)):
+        setattr(T, name, _compare(op))
+    T.__hash__ = object.__hash__
+    T.sum, T.mean, T.max = sum, mean, max
+    T.exp, T.log, T.sqrt, T.relu = exp, log, sqrt, relu
+    T.reshape, T.transpose, T.flatten = reshape, transpose, flatten
+    T.T = property(lambda self: transpose(self))
+    T.argmax = _argmax
+
+
+_install_tensor_methods()
+
+__all__ = [
+    "relu", "sigmoid", "tanh", "concat", "flatten", "getitem", "reshape", "transpose",
+    "to_device_and_dtype", "conv2d", "linear", "cross_entropy", "log_softmax_array", "add", "div",
+    "exp", "log", "matmul", "max", "mean", "mul", "neg", "pow", "sqrt", "sub", "sum", "dropout",
+    "batch_norm", "avg_pool2d", "global_avg_pool2d", "max_pool2d", "backend",
+]

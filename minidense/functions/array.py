@@ -1,0 +1,142 @@
+"""Shape and layout ops: reshape, transpose, indexing, concatenation, device moves."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..autograd import Function, as_tensor
+
+
+class Reshape(Function):
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        self.input_shape = x.shape
+        try:
+            return x.reshape(self.shape)
+        except ValueError:
+            raise ValueError(f"reshape: cannot reshape a tensor of shape {tuple(x.shape)} "
+                             f"({x.size} elements) to {self.shape}") from None
+
+    def backward(self, gy):
+        return gy.reshape(self.input_shape)
+
+
+class Transpose(Function):
+    def __init__(self, axes=None):
+        self.axes = axes
+
+    def forward(self, x):
+        axes = tuple(range(x.ndim))[::-1] if self.axes is None else tuple(self.axes)
+        if sorted(a % x.ndim for a in axes) != list(range(x.ndim)):
+            raise ValueError(f"transpose: axes {axes} are not a permutation of the "
+                             f"{x.ndim} axes of shape {tuple(x.shape)}")
+        self.inverse = tuple(np.argsort([a % x.ndim for a in axes]))
+        return x.transpose(axes)
+
+    def backward(self, gy):
+        return gy.transpose(self.inverse)
+
+
+def _is_basic_index(index) -> bool:
+    """Slices, integers, None and Ellipsis never select one element twice."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (slice, int, np.integer, type(None), type(Ellipsis))) for i in items)
+
+
+class GetItem(Function):
+    def __init__(self, index):
+        self.index = index
+
+    def forward(self, x):
+        self.input_shape, self.input_dtype = x.shape, x.dtype
+        return x[self.index]
+
+    def backward(self, gy):
+        xp = backend.get_array_module(gy)
+        gx = xp.zeros(self.input_shape, dtype=self.input_dtype)
+        if _is_basic_index(self.index):
+            gx[self.index] = gy
+        else:
+            backend.scatter_add(gx, self.index, gy)
+        return gx
+
+
+class Concat(Function):
+    """Concatenation along one axis; keeps only the inputs' sizes on that axis."""
+
+    def __init__(self, axis=1):
+        self.axis = axis
+
+    def forward(self, *xs):
+        if not xs:
+            raise ValueError("concat: needs at least one tensor")
+        first = xs[0]
+        if not -first.ndim <= self.axis < first.ndim:
+            raise ValueError(f"concat: axis {self.axis} is out of range for shape {tuple(first.shape)}")
+        axis = self.axis % first.ndim
+        for x in xs[1:]:
+            if x.ndim != first.ndim or any(a != b for i, (a, b) in enumerate(zip(x.shape, first.shape))
+                                           if i != axis):
+                shapes = ", ".join(str(tuple(t.shape)) for t in xs)
+                raise ValueError(f"concat: all inputs must have the same shape except on axis {axis}, "
+                                 f"got {shapes}")
+        self.axis_ = axis
+        self.sizes = [x.shape[axis] for x in xs]
+        return backend.get_array_module(first).concatenate(xs, axis=axis)
+
+    def backward(self, gy):
+        bounds = np.cumsum(self.sizes)[:-1]
+        xp = backend.get_array_module(gy)
+        return tuple(xp.split(gy, bounds, axis=self.axis_))
+
+
+class ToDeviceAndDtype(Function):
+    """A copy on another device or in another dtype; the gradient goes back."""
+
+    def __init__(self, device, dtype):
+        self.device, self.dtype = device, dtype
+
+    def forward(self, x):
+        self.source = backend.device_of(x), x.dtype
+        y = backend.to_device(x, self.device)
+        return y if self.dtype is None else y.astype(self.dtype)
+
+    def backward(self, gy):
+        device, dtype = self.source
+        return backend.to_device(gy, device).astype(dtype, copy=False)
+
+
+def reshape(x, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return Reshape(tuple(shape))(x)
+
+
+def flatten(x, start_axis=1):
+    x = as_tensor(x)
+    return Reshape(x.shape[:start_axis] + (-1,))(x)
+
+
+def transpose(x, *axes):
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+        axes = tuple(axes[0])
+    return Transpose(axes or None)(x)
+
+
+def getitem(x, index):
+    if hasattr(index, "data") and not isinstance(index, slice):  # a Tensor as index
+        index = index.data
+    elif isinstance(index, tuple):
+        index = tuple(i.data if hasattr(i, "grad_fn") else i for i in index)
+    return GetItem(index)(x)
+
+
+def concat(xs, axis=1):
+    """Concatenate tensors along ``axis`` (DenseNet's dense connectivity)."""
+    return Concat(axis)(*xs)
+
+
+def to_device_and_dtype(x, device, dtype=None):
+    return ToDeviceAndDtype(device, dtype)(x)

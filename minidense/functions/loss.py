@@ -1,0 +1,51 @@
+"""Loss functions."""
+from __future__ import annotations
+
+from .. import backend
+from ..autograd import Function, as_tensor
+from ._utils import expect_ndim
+
+
+def log_softmax_array(logits):
+    """log softmax over the last axis, by log-sum-exp (no overflow for large logits)."""
+    xp = backend.get_array_module(logits)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+class CrossEntropy(Function):
+    """Mean over the batch of -log softmax(logits)[label].
+    Keeps: the softmax probabilities and the labels."""
+
+    def forward(self, logits, labels):
+        expect_ndim("cross_entropy", "logits", logits, 2, "N, classes")
+        if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(f"cross_entropy: labels must have shape ({logits.shape[0]},) for logits "
+                             f"of shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
+        if labels.dtype.kind not in "iu":
+            raise TypeError(f"cross_entropy: labels must be integers, got dtype {labels.dtype}")
+        xp = backend.get_array_module(logits)
+        k = logits.shape[1]
+        if labels.size and bool(((labels < 0) | (labels >= k)).any()):
+            bad = backend.to_numpy(labels[(labels < 0) | (labels >= k)])[:5]
+            raise ValueError(f"cross_entropy: labels must be in [0, {k}) for {k} classes, "
+                             f"got {bad.tolist()}")
+        log_p = log_softmax_array(logits)
+        rows = xp.arange(labels.shape[0])
+        loss = -log_p[rows, labels].mean()
+        self.save_for_backward(xp.exp(log_p), labels)
+        return xp.asarray(loss, dtype=logits.dtype)
+
+    def backward(self, gy):
+        probs, labels = self.saved
+        xp = backend.get_array_module(probs)
+        n = probs.shape[0]
+        g = probs.copy()
+        g[xp.arange(n), labels] -= 1
+        return g * (gy / n), None
+
+
+def cross_entropy(logits, labels):
+    """Softmax cross-entropy with integer class labels, averaged over the batch."""
+    logits = as_tensor(logits)
+    return CrossEntropy()(logits, as_tensor(labels))

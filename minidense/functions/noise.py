@@ -1,0 +1,35 @@
+"""Dropout (Srivastava et al., 2014), inverted: scaled at training time."""
+from __future__ import annotations
+
+from .. import backend
+from ..autograd import Function
+
+
+class Dropout(Function):
+    """Zero each element with probability p and scale the rest by 1/(1-p).
+    Keeps: the mask, already scaled."""
+
+    def __init__(self, p=0.5, generator=None):
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+        self.p, self.generator = p, generator
+
+    def forward(self, x):
+        gen = self.generator or backend.generator(backend.device_of(x))
+        keep = gen.random(x.shape, dtype=x.dtype) >= self.p
+        mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
+        self.save_for_backward(mask)
+        return x * mask
+
+    def backward(self, gy):
+        (mask,) = self.saved
+        return gy * mask
+
+
+def dropout(x, p=0.5, training=True, generator=None):
+    """Inverted dropout; the identity when not training or when p == 0.
+    ``generator``: a NumPy/CuPy Generator; by default minidense's seeded one
+    (``md.manual_seed``)."""
+    if not training or p == 0:
+        return x
+    return Dropout(p, generator)(x)

@@ -1,0 +1,126 @@
+"""Average, max and global average pooling over NCHW images."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..autograd import Function
+from ._utils import col2im, expect_ndim, im2col, output_size, pair
+
+
+class _Pool2d(Function):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        self.kernel = pair(kernel_size, "kernel_size")
+        self.stride = pair(stride if stride is not None else kernel_size, "stride")
+        self.padding = pair(padding, "padding")
+        name = type(self).__name__
+        if min(self.kernel) < 1 or min(self.stride) < 1:
+            raise ValueError(f"{name}: kernel_size and stride must be positive, got "
+                             f"{self.kernel} and {self.stride}")
+        if any(p > k // 2 for p, k in zip(self.padding, self.kernel)):
+            raise ValueError(f"{name}: padding {self.padding} must be at most half the kernel "
+                             f"{self.kernel}")
+
+    def _check(self, x):
+        name = type(self).__name__
+        expect_ndim(name, "input", x, 4, "N, C, H, W")
+        (kh, kw), (sy, sx), (ph, pw) = self.kernel, self.stride, self.padding
+        oh, ow = output_size(x.shape[2], kh, sy, ph), output_size(x.shape[3], kw, sx, pw)
+        if oh <= 0 or ow <= 0:
+            raise ValueError(f"{name}: a {kh}x{kw} window does not fit an input of shape "
+                             f"{tuple(x.shape)}")
+        self.input_shape = x.shape
+        # Windows that tile the image exactly need no im2col: a reshape suffices.
+        self.tiles = (self.kernel == self.stride and self.padding == (0, 0)
+                      and x.shape[2] % kh == 0 and x.shape[3] % kw == 0)
+        return oh, ow
+
+    def _tiled(self, x):
+        n, c, h, w = x.shape
+        kh, kw = self.kernel
+        return x.reshape(n, c, h // kh, kh, w // kw, kw)
+
+
+class AvgPool2d(_Pool2d):
+    """Mean over each window; padding counts as zeros (PyTorch's default).  Keeps: nothing."""
+
+    def forward(self, x):
+        self._check(x)
+        if self.tiles:
+            return self._tiled(x).mean(axis=(3, 5))
+        col = im2col(x, self.kernel, self.stride, self.padding, writable=False)
+        return col.mean(axis=(2, 3))
+
+    def backward(self, gy):
+        xp = backend.get_array_module(gy)
+        (kh, kw) = self.kernel
+        g = gy * (1.0 / (kh * kw))
+        if self.tiles:
+            n, c, oh, ow = gy.shape
+            spread = xp.broadcast_to(g[:, :, :, None, :, None], (n, c, oh, kh, ow, kw))
+            return spread.reshape(self.input_shape)
+        gcol = xp.broadcast_to(g[:, :, None, None], g.shape[:2] + (kh, kw) + g.shape[2:])
+        return col2im(gcol, self.input_shape, self.stride, self.padding)
+
+
+class MaxPool2d(_Pool2d):
+    """Maximum over each window; padding is -inf.  Keeps: the argmax within each window
+    (one small integer per output pixel)."""
+
+    def forward(self, x):
+        oh, ow = self._check(x)
+        xp = backend.get_array_module(x)
+        n, c = x.shape[:2]
+        kh, kw = self.kernel
+        if self.tiles:
+            windows = self._tiled(x).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, kh * kw)
+            index = windows.argmax(axis=4)
+            y = xp.take_along_axis(windows, index[..., None], axis=4)[..., 0]
+        else:
+            col = im2col(x, self.kernel, self.stride, self.padding, pad_value=-np.inf,
+                         writable=False).reshape(n, c, kh * kw, oh, ow)
+            index = col.argmax(axis=2)
+            y = xp.take_along_axis(col, index[:, :, None], axis=2)[:, :, 0]
+        self.save_for_backward(index.astype(np.int16 if kh * kw < 2 ** 15 else np.int64))
+        return y
+
+    def backward(self, gy):
+        (index,) = self.saved
+        xp = backend.get_array_module(gy)
+        n, c, oh, ow = gy.shape
+        kh, kw = self.kernel
+        if self.tiles:
+            windows = xp.zeros((n, c, oh, ow, kh * kw), dtype=gy.dtype)
+            xp.put_along_axis(windows, index[..., None].astype(np.int64), gy[..., None], axis=4)
+            windows = windows.reshape(n, c, oh, ow, kh, kw).transpose(0, 1, 2, 4, 3, 5)
+            return windows.reshape(self.input_shape)
+        gcol = xp.zeros((n, c, kh * kw, oh, ow), dtype=gy.dtype)
+        xp.put_along_axis(gcol, index[:, :, None].astype(np.int64), gy[:, :, None], axis=2)
+        return col2im(gcol.reshape(n, c, kh, kw, oh, ow), self.input_shape, self.stride,
+                      self.padding)
+
+
+class GlobalAvgPool2d(Function):
+    """Mean over the whole image: (N, C, H, W) -> (N, C).  Keeps: nothing."""
+
+    def forward(self, x):
+        expect_ndim("global_avg_pool2d", "input", x, 4, "N, C, H, W")
+        self.input_shape = x.shape
+        return x.mean(axis=(2, 3))
+
+    def backward(self, gy):
+        xp = backend.get_array_module(gy)
+        n, c, h, w = self.input_shape
+        return xp.broadcast_to((gy * (1.0 / (h * w)))[:, :, None, None], self.input_shape).copy()
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0):
+    return AvgPool2d(kernel_size, stride, padding)(x)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    return MaxPool2d(kernel_size, stride, padding)(x)
+
+
+def global_avg_pool2d(x):
+    return GlobalAvgPool2d()(x)
