@@ -14,6 +14,7 @@ from .functions import (
     sigmoid, sqrt, sub, sum, tanh, transpose,
 )
 from .gradcheck import GradcheckError, gradcheck
+from . import nn
 
 __version__ = "0.1.0"
 
