@@ -87,6 +87,8 @@ def _as_array(data, dtype, device):
     """
     if isinstance(data, Tensor):
         data = data.data
+    if isinstance(data, np.generic):  # a NumPy scalar (from a full reduction) keeps its dtype
+        data = np.asarray(data)
     if backend.is_array(data):
         array = backend.to_device(data, device or backend.device_of(data))
         return array if dtype is None else array.astype(dtype, copy=False)

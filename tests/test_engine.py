@@ -1,0 +1,277 @@
+"""The autograd engine: order, accumulation, memory, dtype rule and clear errors."""
+import gc
+import sys
+
+import numpy as np
+import pytest
+
+import minidense as md
+from minidense import backend
+from minidense.autograd import Function
+
+from conftest import TEST_DEVICE
+
+
+def leaf(a, requires_grad=True):
+    return md.tensor(np.asarray(a, dtype=np.float64), requires_grad=requires_grad, device=TEST_DEVICE)
+
+
+# -- order and accumulation ---------------------------------------------------------
+def test_ten_thousand_op_chain_backprops_without_recursion():
+    x = leaf([1.0, 2.0])
+    y = x
+    for _ in range(10_000):
+        y = y * 1.0001
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)  # a recursive backward would fail here
+    try:
+        y.sum().backward()
+    finally:
+        sys.setrecursionlimit(limit)
+    np.testing.assert_allclose(x.grad.numpy(), [1.0001 ** 10_000] * 2, rtol=1e-9)
+
+
+def test_diamond_graph_sums_both_paths():
+    # y = (x*2) * (x+3): dy/dx = 2(x+3) + 2x = 4x + 6
+    x = leaf([1.0, -2.0, 0.5])
+    a, b = x * 2, x + 3
+    (a * b).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), 4 * x.numpy() + 6)
+
+
+def test_one_tensor_feeding_many_consumers_in_different_generations():
+    # z = x + x*x + exp(x*x*x): gradient collected from three depths before x's node runs
+    x = leaf([0.3, -0.7])
+    h = x * 2  # an interior node with three consumers
+    z = h + h * h + md.exp(h * h * h)
+    z.sum().backward()
+    hv = 2 * x.numpy()
+    np.testing.assert_allclose(x.grad.numpy(), 2 * (1 + 2 * hv + 3 * hv ** 2 * np.exp(hv ** 3)))
+
+
+def test_leaf_gradients_accumulate_until_zeroed():
+    x = leaf([1.0, 2.0])
+    (x * 3).sum().backward()
+    (x * 4).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [7.0, 7.0])
+    x.zero_grad()
+    (x * 5).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [5.0, 5.0])
+
+
+def test_grads_never_alias_each_other_or_the_upstream_gradient():
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    upstream = backend.array_module(TEST_DEVICE).asarray([1.0, 1.0])
+    y = a + b  # Add's backward hands the same array to both inputs
+    y.backward(upstream)
+    a.grad.data += 10
+    np.testing.assert_allclose(b.grad.numpy(), [1.0, 1.0])
+    np.testing.assert_allclose(backend.to_numpy(upstream), [1.0, 1.0])
+    assert a.grad.data is not b.grad.data
+
+
+def test_second_backward_needs_retain_graph():
+    x = leaf([2.0])
+    y = x * x
+    y.backward(retain_graph=True)
+    y.backward()
+    np.testing.assert_allclose(x.grad.numpy(), [8.0])
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        y.backward()
+
+
+def test_saved_arrays_are_released_after_backward():
+    x = leaf(np.ones((2, 3)))
+    y = md.relu(x)
+    node = y.grad_fn
+    assert node.saved
+    y.sum().backward()
+    assert node.saved is None
+
+
+def test_retain_grad_on_intermediate():
+    x = leaf([1.0, 2.0])
+    h = x * 3
+    h.retain_grad()
+    (h * h).sum().backward()
+    np.testing.assert_allclose(h.grad.numpy(), 2 * h.numpy())
+
+
+def test_no_grad_as_context_and_decorator():
+    x = leaf([1.0])
+    with md.no_grad():
+        y = x * 2
+    assert y.grad_fn is None and not y.requires_grad
+
+    @md.no_grad()
+    def f(t):
+        return t * 2
+    assert f(x).grad_fn is None
+    assert (x * 2).grad_fn is not None  # grad mode restored
+
+
+def test_intermediate_activations_are_freed_when_no_backward_needs_them():
+    """A node keeps edges, not input tensors: the output of a Mul by a constant is
+    not kept alive by the next op when that op saves nothing (Add)."""
+    import weakref
+    x = leaf(np.ones(3))
+    h = x * 2.0
+    ref = weakref.ref(h)
+    y = h + 1.0
+    del h
+    gc.collect()
+    assert ref() is None
+    y.sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [2.0] * 3)
+
+
+def _count_graph_objects():
+    gc.collect()
+    return sum(isinstance(o, (md.Tensor, Function)) for o in gc.get_objects())
+
+
+def test_memory_is_flat_over_200_training_steps():
+    rng = np.random.default_rng(0)
+    w1 = md.tensor(rng.standard_normal((4, 3, 3, 3)) * 0.3, requires_grad=True)
+    g1, b1 = md.tensor(np.ones(4), requires_grad=True), md.tensor(np.zeros(4), requires_grad=True)
+    w2 = md.tensor(rng.standard_normal((5, 8)) * 0.3, requires_grad=True)
+    rm, rv = md.tensor(np.zeros(4)), md.tensor(np.ones(4))
+    params = [w1, g1, b1, w2]
+    x = md.tensor(rng.standard_normal((8, 3, 6, 6)))
+    labels = md.tensor(rng.integers(0, 5, 8))
+    counts = []
+    for step in range(200):
+        h = md.relu(md.batch_norm(md.conv2d(x, w1, padding=1), g1, b1, rm, rv))
+        h = md.concat([md.global_avg_pool2d(h), md.global_avg_pool2d(md.max_pool2d(h, 2))], axis=1)
+        loss = md.cross_entropy(md.linear(h, w2), labels)
+        for p in params:
+            p.grad = None
+        loss.backward()
+        for p in params:
+            p.data -= 0.01 * p.grad.data
+        if step in (10, 199):
+            counts.append(_count_graph_objects())
+    assert counts[1] <= counts[0], f"live Tensors+Functions grew from {counts[0]} to {counts[1]}"
+
+
+# -- ops never mutate their inputs or the upstream gradient ---------------------------------
+OPS = {
+    "conv2d": (lambda x, w: md.conv2d(x, w, stride=2, padding=1), [(2, 3, 5, 6), (4, 3, 3, 3)]),
+    "conv1x1": (lambda x, w: md.conv2d(x, w), [(2, 3, 4, 4), (5, 3, 1, 1)]),
+    "linear": (lambda x, w: md.linear(x, w), [(3, 4), (2, 4)]),
+    "batch_norm": (lambda x, g, b: md.batch_norm(x, g, b), [(3, 2, 2, 2), (2,), (2,)]),
+    "relu": (md.relu, [(3, 4)]),
+    "max_pool2d": (lambda x: md.max_pool2d(x, 2), [(2, 2, 4, 4)]),
+    "avg_pool2d": (lambda x: md.avg_pool2d(x, 3, 2, 1), [(2, 2, 5, 4)]),
+    "global_avg_pool2d": (md.global_avg_pool2d, [(2, 3, 2, 2)]),
+    "concat": (lambda a, b: md.concat([a, b], axis=1), [(2, 1, 3), (2, 2, 3)]),
+    "add": (md.add, [(2, 3), (3,)]),
+    "mul": (md.mul, [(2, 3), (2, 3)]),
+    "dropout": (lambda x: md.dropout(x, 0.5), [(4, 4)]),
+    "matmul": (md.matmul, [(2, 3), (3, 2)]),
+    "sum": (lambda x: x.sum(axis=1), [(2, 3)]),
+    "max": (lambda x: x.max(axis=0), [(2, 3)]),
+    "reshape": (lambda x: x.reshape(-1), [(2, 3)]),
+    "getitem": (lambda x: x[:, 1:], [(2, 3)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_ops_do_not_mutate_inputs_or_upstream_gradient(name):
+    fn, shapes = OPS[name]
+    rng = np.random.default_rng(5)
+    inputs = [leaf(rng.standard_normal(s)) for s in shapes]
+    before = [t.numpy() for t in inputs]
+    y = fn(*inputs)
+    upstream = backend.array_module(TEST_DEVICE).asarray(rng.standard_normal(y.shape))
+    upstream_before = backend.to_numpy(upstream).copy()
+    y.backward(upstream)
+    for t, b in zip(inputs, before):
+        np.testing.assert_array_equal(t.numpy(), b)
+    np.testing.assert_array_equal(backend.to_numpy(upstream), upstream_before)
+
+
+# -- dtype rule -----------------------------------------------------------------------
+def test_dtype_rule():
+    assert md.tensor([1.0, 2.0]).dtype == np.float32           # Python floats: float32
+    assert md.tensor([1, 2]).dtype == np.int64                 # Python ints: int64
+    assert md.tensor(np.zeros(2)).dtype == np.float64          # arrays keep their dtype
+    assert md.tensor([1, 2], dtype=np.float64).dtype == np.float64
+    assert (md.tensor([1.0]) * 2.5).dtype == np.float32        # a Python scalar never promotes
+    assert (md.tensor([1.0]) + md.tensor(np.ones(1))).dtype == np.float64  # NumPy promotion
+    x = md.tensor(np.ones(3))
+    assert x.sum().dtype == np.float64                         # full reductions too
+
+
+# -- clear errors ---------------------------------------------------------------------
+def test_conv_channel_mismatch():
+    with pytest.raises(ValueError, match=r"conv2d: input has 3 channels .*expects 4"):
+        md.conv2d(md.ones(1, 3, 5, 5), md.ones(2, 4, 3, 3))
+
+
+def test_linear_feature_mismatch():
+    with pytest.raises(ValueError, match=r"linear: input has 5 features .*expects 4"):
+        md.linear(md.ones(2, 5), md.ones(3, 4))
+
+
+def test_concat_shapes_differ_off_axis():
+    with pytest.raises(ValueError, match=r"concat: .*same shape except on axis 1.*\(1, 2, 4, 4\).*\(1, 3, 5, 4\)"):
+        md.concat([md.ones(1, 2, 4, 4), md.ones(1, 3, 5, 4)], axis=1)
+
+
+@pytest.mark.parametrize("call,pattern", [
+    (lambda: md.conv2d(md.ones(3, 5, 5), md.ones(2, 3, 3, 3)), r"conv2d: input must be 4-D"),
+    (lambda: md.conv2d(md.ones(1, 3, 5, 5), md.ones(2, 3, 3)), r"conv2d: weight must be 4-D"),
+    (lambda: md.max_pool2d(md.ones(3, 4, 4), 2), r"MaxPool2d: input must be 4-D"),
+    (lambda: md.batch_norm(md.ones(4), md.ones(1), md.ones(1)), r"batch_norm: input must have a channel axis"),
+    (lambda: md.cross_entropy(md.ones(4), md.tensor([0])), r"cross_entropy: logits must be 2-D"),
+    (lambda: md.global_avg_pool2d(md.ones(2, 3)), r"global_avg_pool2d: input must be 4-D"),
+])
+def test_wrong_ranks(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+def test_backward_on_non_scalar_needs_a_gradient():
+    y = md.ones(2, 3, requires_grad=True) * 2
+    with pytest.raises(RuntimeError, match=r"only for a scalar output, got shape \(2, 3\)"):
+        y.backward()
+
+
+def test_integer_tensors_cannot_require_grad():
+    with pytest.raises(TypeError, match="only floating-point tensors can require a gradient"):
+        md.tensor([1, 2, 3], requires_grad=True)
+
+
+def test_cross_entropy_labels_out_of_range():
+    with pytest.raises(ValueError, match=r"cross_entropy: labels must be in \[0, 3\).*\[3, -1\]"):
+        md.cross_entropy(md.ones(3, 3), md.tensor([0, 3, -1]))
+
+
+def test_cross_entropy_float_labels():
+    with pytest.raises(TypeError, match="labels must be integers"):
+        md.cross_entropy(md.ones(2, 3), md.tensor([0.0, 1.0]))
+
+
+def test_cuda_request_without_gpu_is_clear():
+    if md.cuda_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="device 'cuda' was requested but"):
+        md.tensor([1.0], device="cuda")
+
+
+@pytest.mark.gpu
+def test_mixing_devices_names_the_op_and_both_devices():
+    a = md.tensor([1.0, 2.0], device="cuda")
+    b = md.tensor([1.0, 2.0], device="cpu")
+    with pytest.raises(RuntimeError, match=r"Add: all inputs must be on one device, got cuda .*cpu"):
+        a + b
+
+
+@pytest.mark.gpu
+def test_to_device_round_trip_keeps_gradients():
+    x = md.tensor(np.arange(3.0), requires_grad=True)
+    y = (x.to("cuda") * 2).to("cpu").sum()
+    y.backward()
+    np.testing.assert_allclose(x.grad.numpy(), [2.0] * 3)
+    assert x.grad.device == "cpu"

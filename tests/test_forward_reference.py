@@ -1,0 +1,156 @@
+"""Forward results against independent implementations: naive loops written here,
+and PyTorch (forward and gradients) where torch is importable."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minidense as md
+from minidense.testing import arrays, conv_cases, pool_cases
+
+from conftest import TEST_DEVICE
+
+
+def naive_conv2d(x, w, b, stride, padding):
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    (sy, sx), (ph, pw) = stride, padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh, ow = (h + 2 * ph - kh) // sy + 1, (wd + 2 * pw - kw) // sx + 1
+    y = np.zeros((n, o, oh, ow))
+    for i in range(n):
+        for f in range(o):
+            for r in range(oh):
+                for q in range(ow):
+                    patch = xp[i, :, r * sy:r * sy + kh, q * sx:q * sx + kw]
+                    y[i, f, r, q] = (patch * w[f]).sum() + (b[f] if b is not None else 0)
+    return y
+
+
+def naive_pool(x, kernel, stride, padding, reduce, pad_value):
+    n, c, h, w = x.shape
+    (kh, kw), (sy, sx), (ph, pw) = kernel, stride, padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
+    oh, ow = (h + 2 * ph - kh) // sy + 1, (w + 2 * pw - kw) // sx + 1
+    y = np.zeros((n, c, oh, ow))
+    for r in range(oh):
+        for q in range(ow):
+            y[:, :, r, q] = reduce(xp[:, :, r * sy:r * sy + kh, q * sx:q * sx + kw], axis=(2, 3))
+    return y
+
+
+def dev(a):
+    return md.tensor(a, device=TEST_DEVICE)
+
+
+@given(case=conv_cases(max_side=8))
+def test_conv2d_matches_naive_loops(case):
+    y = md.conv2d(dev(case.x), dev(case.w), None if case.b is None else dev(case.b),
+                  stride=case.stride, padding=case.padding)
+    np.testing.assert_allclose(y.numpy(), naive_conv2d(case.x, case.w, case.b, case.stride, case.padding),
+                               rtol=1e-10, atol=1e-10)
+
+
+@given(case=pool_cases(distinct=False))
+def test_pooling_matches_naive_loops(case):
+    y_max = md.max_pool2d(dev(case.x), case.kernel, case.stride, case.padding)
+    y_avg = md.avg_pool2d(dev(case.x), case.kernel, case.stride, case.padding)
+    np.testing.assert_allclose(y_max.numpy(), naive_pool(case.x, case.kernel, case.stride,
+                                                          case.padding, np.max, -np.inf))
+    np.testing.assert_allclose(y_avg.numpy(), naive_pool(case.x, case.kernel, case.stride,
+                                                          case.padding, np.mean, 0.0), rtol=1e-12)
+
+
+def test_cross_entropy_is_stable_for_huge_logits():
+    logits = dev(np.array([[1000.0, 0.0, -1000.0], [0.0, 1000.0, 0.0]]))
+    loss = md.cross_entropy(logits, md.tensor([0, 2], device=TEST_DEVICE))
+    assert np.isfinite(loss.item())
+    np.testing.assert_allclose(loss.item(), (0.0 + 1000.0) / 2)
+
+
+def test_batch_norm_of_a_constant_channel_is_finite():
+    x = md.tensor(np.ones((4, 2, 3, 3)), requires_grad=True, device=TEST_DEVICE)
+    g = md.tensor(np.ones(2), requires_grad=True, device=TEST_DEVICE)
+    b = md.tensor(np.zeros(2), requires_grad=True, device=TEST_DEVICE)
+    y = md.batch_norm(x, g, b)
+    (y * y).sum().backward()
+    for t in (y, x.grad, g.grad, b.grad):
+        assert np.all(np.isfinite(t.numpy()))
+
+
+# -- against PyTorch ------------------------------------------------------------------
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _compare(md_fn, torch_fn, arrays_, rtol=1e-9, atol=1e-10):
+    """Forward and every input gradient of md_fn and torch_fn on the same float64 data."""
+    torch = _torch()
+    rng = np.random.default_rng(0)
+    ours = [md.tensor(a, requires_grad=True, device=TEST_DEVICE) for a in arrays_]
+    theirs = [torch.tensor(a, requires_grad=True) for a in arrays_]
+    y, yt = md_fn(*ours), torch_fn(*theirs)
+    np.testing.assert_allclose(y.numpy(), yt.detach().numpy(), rtol=rtol, atol=atol)
+    g = rng.standard_normal(y.shape)
+    y.backward(g)
+    yt.backward(torch.tensor(g))
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=rtol, atol=atol)
+
+
+@given(case=conv_cases(max_side=8, bias=True))
+def test_conv2d_against_torch(case):
+    F = _torch().nn.functional
+    _compare(lambda x, w, b: md.conv2d(x, w, b, case.stride, case.padding),
+             lambda x, w, b: F.conv2d(x, w, b, case.stride, case.padding), [case.x, case.w, case.b])
+
+
+@given(case=pool_cases())
+def test_pooling_against_torch(case):
+    F = _torch().nn.functional
+    _compare(lambda x: md.max_pool2d(x, case.kernel, case.stride, case.padding),
+             lambda x: F.max_pool2d(x, case.kernel, case.stride, case.padding), [case.x])
+    _compare(lambda x: md.avg_pool2d(x, case.kernel, case.stride, case.padding),
+             lambda x: F.avg_pool2d(x, case.kernel, case.stride, case.padding), [case.x])
+
+
+@given(data=st.data(), training=st.booleans())
+def test_batch_norm_against_torch(data, training):
+    torch = _torch()
+    F = torch.nn.functional
+    shape = data.draw(st.sampled_from([(4, 3), (2, 3, 4, 5), (3, 2, 1, 2)]))
+    c = shape[1]
+    x, g, b = data.draw(arrays(shape)), data.draw(arrays((c,), 0.5, 2)), data.draw(arrays((c,)))
+    rm, rv = data.draw(arrays((c,))), data.draw(arrays((c,), 0.5, 2))
+    ours_rm, ours_rv = md.tensor(rm.copy(), device=TEST_DEVICE), md.tensor(rv.copy(), device=TEST_DEVICE)
+    theirs_rm, theirs_rv = torch.tensor(rm.copy()), torch.tensor(rv.copy())
+    _compare(lambda x, g, b: md.batch_norm(x, g, b, ours_rm, ours_rv, training, momentum=0.1),
+             lambda x, g, b: F.batch_norm(x, theirs_rm, theirs_rv, g, b, training, momentum=0.1),
+             [x, g, b])
+    np.testing.assert_allclose(ours_rm.numpy(), theirs_rm.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ours_rv.numpy(), theirs_rv.numpy(), rtol=1e-12)
+
+
+@given(data=st.data())
+def test_linear_cross_entropy_global_pool_against_torch(data):
+    torch = _torch()
+    F = torch.nn.functional
+    n, c, k = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 4)), data.draw(st.integers(2, 5))
+    x = data.draw(arrays((n, c, 3, 2)))
+    w, b = data.draw(arrays((k, c))), data.draw(arrays((k,)))
+    labels = data.draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n))
+    ours_labels, theirs_labels = md.tensor(labels, device=TEST_DEVICE), torch.tensor(labels)
+    _compare(lambda x, w, b: md.cross_entropy(md.linear(md.global_avg_pool2d(x), w, b), ours_labels),
+             lambda x, w, b: F.cross_entropy(F.linear(x.mean((2, 3)), w, b), theirs_labels),
+             [x, w, b])
+
+
+@given(data=st.data())
+def test_concat_relu_against_torch(data):
+    torch = _torch()
+    a = data.draw(arrays((2, 3, 2, 2), margin=0.01))
+    b = data.draw(arrays((2, 1, 2, 2), margin=0.01))
+    _compare(lambda a, b: md.relu(md.concat([a, b], axis=1)),
+             lambda a, b: torch.relu(torch.cat([a, b], dim=1)), [a, b])

@@ -1,0 +1,256 @@
+"""Every op's backward against central finite differences (float64), on shapes,
+hyperparameters and values drawn by hypothesis, and on the composites DenseNet and
+ResNet are built from.  Runs on MINIDENSE_TEST_DEVICE (cpu by default)."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minidense as md
+from minidense import backend
+from minidense.testing import (arrays, broadcastable_shapes, conv_cases, distinct_arrays,
+                               pool_cases, shapes, tensors_from)
+
+from conftest import TEST_DEVICE
+
+
+def T(*arrays_):
+    return tensors_from(*arrays_, device=TEST_DEVICE)
+
+
+# -- elementwise arithmetic with broadcasting ---------------------------------------
+@pytest.mark.parametrize("op", [md.add, md.sub, md.mul, md.div])
+@given(data=st.data())
+def test_binary_ops_with_broadcasting(op, data):
+    shape_a, shape_b = data.draw(broadcastable_shapes())
+    if data.draw(st.booleans()):
+        shape_a, shape_b = shape_b, shape_a
+    a = data.draw(arrays(shape_a))
+    b = data.draw(arrays(shape_b, 0.5, 2.0))  # away from 0 for division
+    assert md.gradcheck(op, T(a, b))
+
+
+@given(x=shapes().flatmap(lambda s: arrays(s, 0.2, 2.0)), c=st.sampled_from([2, 3, 0.5, -1.5]))
+def test_pow_scalar(x, c):
+    assert md.gradcheck(lambda x: x ** c, [T(x)])
+
+
+@given(data=st.data())
+def test_pow_tensor_exponent(data):
+    shape = data.draw(shapes(max_dims=3))
+    a, b = data.draw(arrays(shape, 0.2, 2.0)), data.draw(arrays(shape, -2, 2))
+    assert md.gradcheck(lambda a, b: a ** b, T(a, b))
+
+
+@pytest.mark.parametrize("fn,low", [(md.exp, -2.0), (md.log, 0.2), (md.sqrt, 0.2), (md.neg, -2.0),
+                                    (md.sigmoid, -4.0), (md.tanh, -2.0)])
+@given(data=st.data())
+def test_unary_ops(fn, low, data):
+    x = data.draw(shapes().flatmap(lambda s: arrays(s, low, 3.0)))
+    assert md.gradcheck(fn, [T(x)])
+
+
+@given(x=shapes().flatmap(lambda s: arrays(s, margin=0.05)))
+def test_relu_away_from_zero(x):
+    assert md.gradcheck(md.relu, [T(x)])
+
+
+@given(data=st.data())
+def test_matmul_batched_and_broadcast(data):
+    m, k, n = (data.draw(st.integers(1, 4)) for _ in range(3))
+    batch_a = data.draw(st.sampled_from([(), (2,), (3, 1)]))
+    batch_b = data.draw(st.sampled_from([(), (1,), (2,)])) if batch_a != (3, 1) else (2,)
+    a, b = data.draw(arrays(batch_a + (m, k))), data.draw(arrays(batch_b + (k, n)))
+    assert md.gradcheck(lambda a, b: a @ b, T(a, b))
+
+
+@given(data=st.data())
+def test_matmul_vector_operands(data):
+    k, n = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    v, m = data.draw(arrays((k,))), data.draw(arrays((k, n)))
+    assert md.gradcheck(lambda v, m: v @ m, T(v, m))
+    assert md.gradcheck(lambda m, v: m.T @ v, T(m, v))
+
+
+# -- reductions -----------------------------------------------------------------------
+def _axes(shape):
+    return st.one_of(st.none(), st.integers(-len(shape), len(shape) - 1),
+                     st.lists(st.integers(0, len(shape) - 1), min_size=1, unique=True).map(tuple))
+
+
+@pytest.mark.parametrize("name", ["sum", "mean", "max"])
+@given(data=st.data())
+def test_reductions(name, data):
+    shape = data.draw(shapes(1, 4))
+    x = data.draw(distinct_arrays(shape) if name == "max" else arrays(shape))
+    axis, keepdims = data.draw(_axes(shape)), data.draw(st.booleans())
+    fn = getattr(md, name)
+    assert md.gradcheck(lambda t: fn(t, axis=axis, keepdims=keepdims), [T(x)])
+
+
+def test_max_splits_gradient_between_ties():
+    x = md.tensor(np.array([[1.0, 3.0, 3.0]]), requires_grad=True, device=TEST_DEVICE)
+    x.max(axis=1).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [[0.0, 0.5, 0.5]])
+
+
+# -- shape ops ----------------------------------------------------------------------
+@given(data=st.data())
+def test_reshape_and_transpose(data):
+    shape = data.draw(shapes(1, 4))
+    x = data.draw(arrays(shape))
+    perm = tuple(data.draw(st.permutations(range(len(shape)))))
+    assert md.gradcheck(lambda t: t.reshape(-1), [T(x)])
+    assert md.gradcheck(lambda t: t.transpose(perm), [T(x)])
+
+
+@given(data=st.data())
+def test_getitem_slices_and_fancy_indices(data):
+    shape = data.draw(shapes(2, 3, 2, 5))
+    x = data.draw(arrays(shape))
+    start = data.draw(st.integers(0, shape[0] - 1))
+    step = data.draw(st.integers(1, 2))
+    assert md.gradcheck(lambda t: t[start::step, ..., :1], [T(x)])
+    xp = backend.array_module(TEST_DEVICE)
+    rows = xp.asarray(data.draw(st.lists(st.integers(0, shape[0] - 1), min_size=1, max_size=6)))
+    assert md.gradcheck(lambda t: t[rows], [T(x)])  # repeated rows add up
+
+
+@given(data=st.data())
+def test_concat_on_any_axis(data):
+    base = data.draw(shapes(1, 4))
+    axis = data.draw(st.integers(-len(base), len(base) - 1))
+    count = data.draw(st.integers(1, 4))
+    pieces = []
+    for _ in range(count):
+        shape = list(base)
+        shape[axis] = data.draw(st.integers(1, 3))
+        pieces.append(data.draw(arrays(tuple(shape))))
+    assert md.gradcheck(lambda *ts: md.concat(ts, axis=axis), T(*pieces) if count > 1 else [T(*pieces)])
+
+
+# -- layers -------------------------------------------------------------------------
+@given(case=conv_cases())
+def test_conv2d(case):
+    x, w, b = T(case.x, case.w, case.b)
+    inputs = [x, w] if b is None else [x, w, b]
+    fn = lambda *a: md.conv2d(*a, stride=case.stride, padding=case.padding)  # noqa: E731
+    assert md.gradcheck(fn, inputs)
+
+
+@given(data=st.data())
+def test_linear(data):
+    n, i, o = (data.draw(st.integers(1, 5)) for _ in range(3))
+    lead = data.draw(st.sampled_from([(n,), (2, n)]))
+    x, w, b = data.draw(arrays(lead + (i,))), data.draw(arrays((o, i))), data.draw(arrays((o,)))
+    assert md.gradcheck(md.linear, T(x, w, b))
+    assert md.gradcheck(md.linear, T(x, w))
+
+
+@given(data=st.data(), training=st.booleans())
+def test_batch_norm(data, training):
+    shape = data.draw(st.sampled_from([(3, 2), (2, 3, 2, 3), (1, 2, 3, 2), (4, 1, 1, 1)]))
+    c = shape[1]
+    x = data.draw(arrays(shape))
+    gamma, beta = data.draw(arrays((c,), 0.5, 2)), data.draw(arrays((c,)))
+    xp = backend.array_module(TEST_DEVICE)
+    running_mean = xp.asarray(data.draw(arrays((c,))))
+    running_var = xp.asarray(data.draw(arrays((c,), 0.5, 2)))
+
+    def fn(x, g, b):
+        # Copies, so that repeated evaluations see the same running statistics.
+        return md.batch_norm(x, g, b, running_mean.copy(), running_var.copy(), training=training)
+    assert md.gradcheck(fn, T(x, gamma, beta))
+
+
+@given(case=pool_cases())
+def test_max_pool2d(case):
+    fn = lambda x: md.max_pool2d(x, case.kernel, case.stride, case.padding)  # noqa: E731
+    assert md.gradcheck(fn, [T(case.x)])
+
+
+@given(case=pool_cases(distinct=False))
+def test_avg_pool2d(case):
+    fn = lambda x: md.avg_pool2d(x, case.kernel, case.stride, case.padding)  # noqa: E731
+    assert md.gradcheck(fn, [T(case.x)])
+
+
+@given(x=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 5), st.integers(1, 5))
+       .flatmap(arrays))
+def test_global_avg_pool2d(x):
+    assert md.gradcheck(md.global_avg_pool2d, [T(x)])
+
+
+@given(x=shapes(1, 4).flatmap(arrays), p=st.sampled_from([0.1, 0.5, 0.8]))
+def test_dropout_with_a_fixed_generator(x, p):
+    xp = backend.array_module(TEST_DEVICE)
+    fn = lambda t: md.dropout(t, p, generator=xp.random.default_rng(7))  # noqa: E731
+    assert md.gradcheck(fn, [T(x)])
+
+
+@given(data=st.data())
+def test_cross_entropy(data):
+    n, k = data.draw(st.integers(1, 6)), data.draw(st.integers(2, 5))
+    logits = data.draw(arrays((n, k), -3, 3))
+    labels = data.draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n))
+    labels = md.tensor(labels, device=TEST_DEVICE)
+    assert md.gradcheck(lambda z: md.cross_entropy(z, labels), [T(logits)])
+
+
+# -- composites: the building blocks of DenseNet and ResNet ------------------------------
+def _bn_relu_conv(x, gamma, beta, w, padding):
+    return md.conv2d(md.relu(md.batch_norm(x, gamma, beta)), w, padding=padding)
+
+
+def test_densenet_bc_layer():
+    """BN-ReLU-1x1 conv (4k) - BN-ReLU-3x3 conv (k), concatenated with the input."""
+    rng = np.random.default_rng(1)
+    c, k = 3, 2
+    x = rng.standard_normal((2, c, 5, 4))
+    params = [rng.uniform(0.5, 1.5, c), rng.standard_normal(c), rng.standard_normal((4 * k, c, 1, 1)),
+              rng.uniform(0.5, 1.5, 4 * k), rng.standard_normal(4 * k), rng.standard_normal((k, 4 * k, 3, 3))]
+
+    def layer(x, g1, b1, w1, g2, b2, w2):
+        bottleneck = _bn_relu_conv(x, g1, b1, w1, 0)
+        new_features = _bn_relu_conv(bottleneck, g2, b2, w2, 1)
+        return md.concat([x, new_features], axis=1)
+    assert md.gradcheck(layer, T(x, *params))
+
+
+def test_densenet_transition():
+    """BN-ReLU-1x1 conv (compression) - 2x2 average pool."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 4, 6, 4))
+    g, b, w = rng.uniform(0.5, 1.5, 4), rng.standard_normal(4), rng.standard_normal((2, 4, 1, 1))
+    assert md.gradcheck(lambda *a: md.avg_pool2d(_bn_relu_conv(*a, 0), 2), T(x, g, b, w))
+
+
+def _basic_block(x, shortcut, w1, g1, b1, w2, g2, b2, stride):
+    out = md.relu(md.batch_norm(md.conv2d(x, w1, stride=stride, padding=1), g1, b1))
+    out = md.batch_norm(md.conv2d(out, w2, padding=1), g2, b2)
+    return md.relu(out + shortcut)
+
+
+def _block_params(rng, c_in, c_out):
+    return [rng.standard_normal((c_out, c_in, 3, 3)) * 0.5, rng.uniform(0.5, 1.5, c_out),
+            rng.standard_normal(c_out), rng.standard_normal((c_out, c_out, 3, 3)) * 0.5,
+            rng.uniform(0.5, 1.5, c_out), rng.standard_normal(c_out)]
+
+
+def test_residual_block_identity_shortcut():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 4, 5))
+    assert md.gradcheck(lambda x, *p: _basic_block(x, x, *p, stride=1), T(x, *_block_params(rng, 3, 3)))
+
+
+def test_residual_block_zero_padded_strided_shortcut():
+    """ResNet option A: subsample by 2 and pad the new channels with zeros."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 2, 6, 5))
+
+    def block(x, *p):
+        sub = x[:, :, ::2, ::2]
+        zeros = md.tensor(backend.get_array_module(x.data).zeros(sub.shape))
+        shortcut = md.concat([sub, zeros], axis=1)
+        return _basic_block(x, shortcut, *p, stride=2)
+    assert md.gradcheck(block, T(x, *_block_params(rng, 2, 4)))
