@@ -275,3 +275,12 @@ def test_to_device_round_trip_keeps_gradients():
     y.backward()
     np.testing.assert_allclose(x.grad.numpy(), [2.0] * 3)
     assert x.grad.device == "cpu"
+
+
+def test_mixing_devices_error_on_any_machine(monkeypatch):
+    """The same check as the GPU test above, with one array pretending to live on the GPU."""
+    a, b = md.tensor([1.0, 2.0]), md.tensor([3.0, 4.0])
+    real = backend.device_of
+    monkeypatch.setattr(backend, "device_of", lambda arr: "cuda" if arr is b.data else real(arr))
+    with pytest.raises(RuntimeError, match=r"Mul: all inputs must be on one device, got cpu \(2,\), cuda \(2,\)"):
+        a * b
