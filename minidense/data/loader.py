@@ -1,0 +1,170 @@
+"""Batches for training and testing: shuffling, augmentation, normalisation, prefetching.
+
+Everything random about an epoch (the order of the images, every crop offset and
+every flip) is drawn at the start of the epoch from a generator seeded with
+``(seed, epoch)`` alone, so epoch 7 is the same whether or not the run was stopped
+and resumed in between, and a run can restart from any batch of an epoch.
+
+Augmentation works on a whole batch at once with the array module of the target
+device: the uint8 batch is copied to the device once, zero-padded, and cropped and
+mirrored with one fancy-indexing gather; normalisation then makes float32 NCHW.
+A background thread prepares the next batch while the current one trains.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+
+from .. import backend
+from ..autograd import Tensor
+
+
+def augmentation_parameters(rng, count: int, pad: int):
+    """Crop offsets (count, 2) in [0, 2*pad] and horizontal flips (count,), drawn from
+    ``rng``: the standard CIFAR augmentation of He et al. (2016)."""
+    offsets = rng.integers(0, 2 * pad + 1, size=(count, 2))
+    flips = rng.random(count) < 0.5
+    return offsets, flips
+
+
+def random_crop_flip(images, offsets, flips, pad: int = 4):
+    """Zero-pad uint8 NHWC ``images`` by ``pad`` pixels on every side, crop each back to
+    its original size at ``offsets[i] = (top, left)`` of the padded image, and mirror
+    left-right where ``flips[i]``.  One gather for the whole batch; runs on the device
+    of ``images`` (offsets and flips may be host arrays)."""
+    xp = backend.get_array_module(images)
+    n, h, w, c = images.shape
+    padded = xp.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=images.dtype)
+    padded[:, pad:pad + h, pad:pad + w] = images
+    offsets, flips = xp.asarray(offsets), xp.asarray(flips)
+    rows = offsets[:, :1] + xp.arange(h)                      # (n, h)
+    cols = offsets[:, 1:] + xp.arange(w)                      # (n, w)
+    cols = xp.where(flips[:, None], cols[:, ::-1], cols)      # a flip reads columns backwards
+    return padded[xp.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def normalize(images, mean, std, dtype=np.float32):
+    """uint8 NHWC -> ``dtype`` NCHW, ``(x / 255 - mean) / std`` per channel."""
+    xp = backend.get_array_module(images)
+    mean = np.asarray(mean, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64)
+    scale = xp.asarray(1.0 / (255.0 * std), dtype=dtype).reshape(-1, 1, 1)
+    shift = xp.asarray(-mean / std, dtype=dtype).reshape(-1, 1, 1)
+    out = xp.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(dtype)
+    out *= scale
+    out += shift
+    return out
+
+
+class _Failure:
+    def __init__(self, error):
+        self.error = error
+
+
+_END = object()
+
+
+class DataLoader:
+    """Batches of (images, labels) Tensors on ``device`` from an ``ImageDataset``.
+
+    ``shuffle``: a new order every epoch; ``augment``: random ``pad``-pixel crops and
+    horizontal flips; ``mean``/``std``: per-channel normalisation (use the training
+    set's, from ``channel_mean_std``; default none, i.e. x / 255); ``drop_last``: skip
+    the final short batch; ``prefetch``: how many batches the background thread may
+    prepare ahead (0: no thread).
+
+    ``iter(loader)`` gives epoch ``loader.epoch`` and then moves to the next epoch;
+    ``loader.iterate(epoch, start)`` gives any epoch from any batch.
+    """
+
+    def __init__(self, dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
+                 augment: bool = False, pad: int = 4, mean=None, std=None, device: str = "cpu",
+                 seed: int = 0, prefetch: int = 2, dtype=np.float32):
+        if batch_size < 1:
+            raise ValueError(f"DataLoader: batch_size must be at least 1, got {batch_size}")
+        if drop_last and len(dataset) < batch_size:
+            raise ValueError(f"DataLoader: drop_last with batch_size {batch_size} leaves no batch "
+                             f"of a data set of {len(dataset)} images")
+        channels = dataset.images.shape[-1]
+        self.dataset, self.batch_size = dataset, batch_size
+        self.shuffle, self.drop_last, self.augment, self.pad = shuffle, drop_last, augment, pad
+        self.mean = np.zeros(channels) if mean is None else np.asarray(mean, dtype=np.float64)
+        self.std = np.ones(channels) if std is None else np.asarray(std, dtype=np.float64)
+        self.device = backend.check_device(device)
+        self.seed, self.prefetch, self.dtype = seed, prefetch, dtype
+        self.epoch = 0
+
+    def __len__(self):
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def plan(self, epoch: int):
+        """The epoch's image order, crop offsets and flips, from (seed, epoch) alone."""
+        n = len(self.dataset)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        offsets, flips = augmentation_parameters(rng, n, self.pad) if self.augment else (None, None)
+        return order, offsets, flips
+
+    def make_batch(self, plan, index: int):
+        """Batch ``index`` of an epoch's ``plan``, as (images, labels) Tensors on the device."""
+        order, offsets, flips = plan
+        picked = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        chosen = order[picked]
+        xp = backend.array_module(self.device)
+        images = xp.asarray(self.dataset.images[chosen])          # the one host-to-device copy
+        if self.augment:
+            images = random_crop_flip(images, offsets[picked], flips[picked], self.pad)
+        images = normalize(images, self.mean, self.std, self.dtype)
+        labels = xp.asarray(self.dataset.labels[chosen])
+        return Tensor(images), Tensor(labels)
+
+    def iterate(self, epoch: int, start: int = 0):
+        """The batches of ``epoch``, from batch ``start`` on."""
+        plan = self.plan(epoch)
+        indices = range(start, len(self))
+        if self.prefetch <= 0:
+            for index in indices:
+                yield self.make_batch(plan, index)
+            return
+        ready = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item):
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
+            try:
+                for index in indices:
+                    if not put(self.make_batch(plan, index)):
+                        return
+                put(_END)
+            except BaseException as error:  # hand it to the training thread
+                put(_Failure(error))
+
+        worker = threading.Thread(target=produce, name="minidense-loader", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+
+    def __iter__(self):
+        epoch = self.epoch
+        yield from self.iterate(epoch)
+        self.epoch = epoch + 1

@@ -1,0 +1,138 @@
+"""Learning-rate schedules, with PyTorch's names and values.
+
+A scheduler sets ``group["lr"]`` of every parameter group from the group's initial
+learning rate and a step count.  Each schedule here is a closed form of the step
+count, so a scheduler's whole state is that count: ``state_dict()`` is tiny and a
+resumed run continues exactly.  Whether a "step" is an iteration or an epoch is up
+to the caller (call ``step()`` once per iteration, or once per epoch, and give
+``milestones``/``T_max``/``total_iters`` in the same unit); ``minidense.train`` steps
+per iteration.
+
+As in PyTorch, building a scheduler applies its step-0 learning rate, and
+``step()`` is called after ``optimizer.step()``.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+
+import numpy as np
+
+
+class LRScheduler:
+    """Base class: subclasses give ``factor(step)``, the multiplier of the initial
+    learning rate after ``step`` calls to ``step()``."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        self.last_epoch = 0   # PyTorch's name for the step count
+        self._apply()
+
+    def factor(self, step: int) -> float:
+        raise NotImplementedError
+
+    def lrs_at(self, step: int):
+        return [base * self.factor(step) for base in self.base_lrs]
+
+    def _apply(self):
+        for group, lr in zip(self.optimizer.param_groups, self.lrs_at(self.last_epoch)):
+            group["lr"] = lr
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": int(self.last_epoch),
+                "base_lrs": np.asarray(self.base_lrs, dtype=np.float64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self.base_lrs = [float(v) for v in np.asarray(state["base_lrs"])]
+        self._apply()
+
+
+class ConstantLR(LRScheduler):
+    """The initial learning rate throughout."""
+
+    def factor(self, step):
+        return 1.0
+
+
+class MultiStepLR(LRScheduler):
+    """lr * gamma^(number of milestones passed): the DenseNet and ResNet papers' /10
+    drops (gamma 0.1)."""
+
+    def __init__(self, optimizer, milestones, gamma: float = 0.1):
+        self.milestones, self.gamma = sorted(int(m) for m in milestones), gamma
+        super().__init__(optimizer)
+
+    def factor(self, step):
+        return self.gamma ** bisect.bisect_right(self.milestones, step)
+
+
+class CosineAnnealingLR(LRScheduler):
+    """eta_min + (lr - eta_min) * (1 + cos(pi * step / T_max)) / 2 (Loshchilov and
+    Hutter, 2017, without restarts)."""
+
+    def __init__(self, optimizer, T_max: int, eta_min: float = 0.0):
+        if T_max < 1:
+            raise ValueError(f"CosineAnnealingLR: T_max must be at least 1, got {T_max}")
+        self.T_max, self.eta_min = T_max, eta_min
+        super().__init__(optimizer)
+
+    def lrs_at(self, step):
+        cosine = (1 + math.cos(math.pi * step / self.T_max)) / 2
+        return [self.eta_min + (base - self.eta_min) * cosine for base in self.base_lrs]
+
+
+class LinearLR(LRScheduler):
+    """The multiplier moves linearly from ``start_factor`` to ``end_factor`` over
+    ``total_iters`` steps, then stays: a linear warm-up (Goyal et al., 2017)."""
+
+    def __init__(self, optimizer, start_factor: float = 1 / 3, end_factor: float = 1.0,
+                 total_iters: int = 5):
+        if not 0 < start_factor <= 1 or not 0 <= end_factor <= 1:
+            raise ValueError(f"LinearLR: factors must be in (0, 1], got start_factor="
+                             f"{start_factor}, end_factor={end_factor}")
+        self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
+        super().__init__(optimizer)
+
+    def factor(self, step):
+        progress = min(step, self.total_iters) / self.total_iters if self.total_iters else 1.0
+        return self.start_factor + (self.end_factor - self.start_factor) * progress
+
+
+class SequentialLR(LRScheduler):
+    """One schedule after another: ``schedulers[i]`` runs from its own step 0 once
+    ``milestones[i - 1]`` steps have passed (PyTorch's SequentialLR), e.g. a linear
+    warm-up followed by a cosine decay."""
+
+    def __init__(self, optimizer, schedulers, milestones):
+        if len(milestones) != len(schedulers) - 1:
+            raise ValueError(f"SequentialLR: {len(schedulers)} schedulers need "
+                             f"{len(schedulers) - 1} milestones, got {len(milestones)}")
+        if any(s.optimizer is not optimizer for s in schedulers):
+            raise ValueError("SequentialLR: every scheduler must drive the same optimizer")
+        self.schedulers, self.milestones = list(schedulers), [int(m) for m in milestones]
+        super().__init__(optimizer)
+
+    def lrs_at(self, step):
+        stage = bisect.bisect_right(self.milestones, step)
+        start = self.milestones[stage - 1] if stage else 0
+        return self.schedulers[stage].lrs_at(step - start)
+
+
+def warmup_then(optimizer, scheduler, warmup_steps: int):
+    """``scheduler`` preceded by ``warmup_steps`` steps of linear warm-up from
+    lr / warmup_steps; ``scheduler`` starts its own count when the warm-up ends."""
+    if warmup_steps <= 0:
+        return scheduler
+    warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, total_iters=warmup_steps)
+    return SequentialLR(optimizer, [warmup, scheduler], [warmup_steps])
