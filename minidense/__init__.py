@@ -15,6 +15,8 @@ from .functions import (
 )
 from .gradcheck import GradcheckError, gradcheck
 from . import nn
+from . import models
+from .summary import summary
 
 __version__ = "0.1.0"
 

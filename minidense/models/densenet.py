@@ -1,0 +1,202 @@
+"""DenseNet: Huang, Liu, van der Maaten and Weinberger, "Densely Connected
+Convolutional Networks" (CVPR 2017).
+
+Layer l of a dense block receives the feature maps of all preceding layers,
+    x_l = H_l([x_0, x_1, ..., x_{l-1}])                                    (Eq. 2)
+where [.] is concatenation along channels and H_l is the composite function
+BN-ReLU-Conv(3x3) producing k ("growth rate") channels.  Variants (Section 3):
+
+* -B  (bottleneck): H_l = BN-ReLU-Conv(1x1, 4k)-BN-ReLU-Conv(3x3, k);
+* -C  (compression): a transition after a block with m channels outputs floor(theta*m);
+* -BC: both, theta = 0.5.
+
+Transitions between blocks: BN-ReLU-Conv(1x1)-AvgPool(2x2).  Classifier:
+BN-ReLU-global average pooling-linear.  Dropout (rate 0.2 in the paper's runs
+without data augmentation) follows every convolution except the first.
+
+CIFAR (Table 2): a 3x3 convolution with 16 output channels (2k for DenseNet-BC),
+then 3 dense blocks on 32x32, 16x16 and 8x8 maps with (L-4)/3 layers each, or
+(L-4)/6 bottleneck layers.  ImageNet (Table 1): DenseNet-BC with k=32, a 7x7/2
+convolution with 2k channels and a 3x3/2 max pooling, then 4 dense blocks.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from .. import nn
+from ..functions import concat
+from .network import StagedNetwork, imagenet_stem
+
+
+def composite(in_channels, out_channels, kernel_size, drop_rate, index=""):
+    """BN-ReLU-Conv (with dropout after it when ``drop_rate`` > 0), as (name, module)
+    pairs.  Convolutions have no bias: the BN that follows supplies the shift."""
+    layers = [
+        (f"norm{index}", nn.BatchNorm2d(in_channels)),
+        (f"relu{index}", nn.ReLU()),
+        (f"conv{index}", nn.Conv2d(in_channels, out_channels, kernel_size,
+                                   padding=kernel_size // 2, bias=False)),
+    ]
+    if drop_rate > 0:
+        layers.append((f"dropout{index}", nn.Dropout(drop_rate)))
+    return layers
+
+
+class DenseLayer(nn.Sequential):
+    """H_l: [BN-ReLU-Conv(1x1, 4k)]-BN-ReLU-Conv(3x3, k); the bracket is the bottleneck."""
+
+    def __init__(self, in_channels, growth_rate, bottleneck, drop_rate=0.0):
+        if bottleneck:
+            width = 4 * growth_rate
+            layers = (composite(in_channels, width, 1, drop_rate, index=1)
+                      + composite(width, growth_rate, 3, drop_rate, index=2))
+        else:
+            layers = composite(in_channels, growth_rate, 3, drop_rate, index=1)
+        super().__init__(OrderedDict(layers))
+        self.in_channels, self.growth_rate = in_channels, growth_rate
+
+
+class DenseBlock(nn.Module):
+    """``num_layers`` dense layers; layer l sees in_channels + (l-1)k channels and the
+    block outputs in_channels + num_layers*k."""
+
+    def __init__(self, num_layers, in_channels, growth_rate, bottleneck, drop_rate=0.0):
+        super().__init__()
+        for i in range(num_layers):
+            self.add_module(f"layer{i + 1}", DenseLayer(in_channels + i * growth_rate, growth_rate,
+                                                        bottleneck, drop_rate))
+        self.in_channels = in_channels
+        self.out_channels = in_channels + num_layers * growth_rate
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.children():
+            # x_l = H_l([x_0, x_1, ..., x_{l-1}])
+            features.append(layer(concat(features, axis=1) if len(features) > 1 else x))
+        return concat(features, axis=1)
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-Conv(1x1, out_channels)-AvgPool(2x2): halves the feature-map size."""
+
+    def __init__(self, in_channels, out_channels, drop_rate=0.0):
+        super().__init__(OrderedDict(composite(in_channels, out_channels, 1, drop_rate)
+                                     + [("pool", nn.AvgPool2d(2))]))
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+
+class DenseNet(StagedNetwork):
+    """A DenseNet from its block sizes.  Modules, in order: ``stem``, ``block1``,
+    ``transition1``, ..., ``blockN``, ``classifier``.
+
+    block_config: layers per dense block; growth_rate: k; bottleneck: -B;
+    compression: theta (1 = none, 0.5 for -C/-BC); stem: "cifar" (3x3 conv) or
+    "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max pool); stem_channels: output channels of
+    the first convolution; drop_rate: dropout after every convolution but the first.
+    """
+
+    def __init__(self, block_config, growth_rate, bottleneck=False, compression=1.0,
+                 stem_channels=16, stem="cifar", num_classes=10, drop_rate=0.0):
+        super().__init__()
+        if not 0 < compression <= 1:
+            raise ValueError(f"DenseNet: compression (theta) must be in (0, 1], got {compression}")
+        if stem == "cifar":
+            self.stem = nn.Conv2d(3, stem_channels, 3, padding=1, bias=False)
+        elif stem == "imagenet":
+            self.stem = imagenet_stem(stem_channels)
+        else:
+            raise ValueError(f"DenseNet: stem must be 'cifar' or 'imagenet', got {stem!r}")
+        self.growth_rate, self.bottleneck, self.compression = growth_rate, bottleneck, compression
+        channels = stem_channels
+        for b, num_layers in enumerate(block_config, start=1):
+            block = DenseBlock(num_layers, channels, growth_rate, bottleneck, drop_rate)
+            self.add_module(f"block{b}", block)
+            channels = block.out_channels
+            if b < len(block_config):
+                reduced = math.floor(compression * channels)
+                self.add_module(f"transition{b}", Transition(channels, reduced, drop_rate))
+                channels = reduced
+        self.classifier = nn.Sequential(OrderedDict([
+            ("norm", nn.BatchNorm2d(channels)),
+            ("relu", nn.ReLU()),
+            ("pool", nn.GlobalAvgPool2d()),
+            ("fc", nn.Linear(channels, num_classes)),
+        ]))
+        self.num_features = channels
+
+
+def densenet_cifar(depth, growth_rate, bottleneck=False, compression=1.0, num_classes=10,
+                   drop_rate=0.0, stem_channels=None):
+    """The CIFAR DenseNet of depth L: 3 dense blocks of (L-4)/3 layers, or (L-4)/6
+    bottleneck layers (each has two convolutions).  ``stem_channels`` defaults to the
+    paper's 16, or 2k for DenseNet-BC; pass 2*growth_rate to use 2k everywhere as the
+    authors' later code does."""
+    per_layer = 6 if bottleneck else 3
+    if (depth - 4) % per_layer or depth <= 4:
+        kind = "DenseNet-B/-BC" if bottleneck else "DenseNet"
+        raise ValueError(f"densenet_cifar: a CIFAR {kind} has depth L = {per_layer}n + 4 "
+                         f"(n >= 1 layers per block), got L={depth}")
+    if stem_channels is None:
+        stem_channels = 2 * growth_rate if bottleneck and compression < 1 else 16
+    n = (depth - 4) // per_layer
+    return DenseNet((n, n, n), growth_rate, bottleneck, compression, stem_channels, "cifar",
+                    num_classes, drop_rate)
+
+
+# --- Table 2 of the paper (CIFAR) ---------------------------------------------------
+def densenet40_k12(**options):
+    """DenseNet (L=40, k=12): 1.0M parameters."""
+    return densenet_cifar(40, 12, **options)
+
+
+def densenet100_k12(**options):
+    """DenseNet (L=100, k=12): 7.0M parameters."""
+    return densenet_cifar(100, 12, **options)
+
+
+def densenet100_k24(**options):
+    """DenseNet (L=100, k=24): 27.2M parameters."""
+    return densenet_cifar(100, 24, **options)
+
+
+def densenet_bc100_k12(**options):
+    """DenseNet-BC (L=100, k=12): 0.8M parameters."""
+    return densenet_cifar(100, 12, bottleneck=True, compression=0.5, **options)
+
+
+def densenet_bc250_k24(**options):
+    """DenseNet-BC (L=250, k=24): 15.3M parameters."""
+    return densenet_cifar(250, 24, bottleneck=True, compression=0.5, **options)
+
+
+def densenet_bc190_k40(**options):
+    """DenseNet-BC (L=190, k=40): 25.6M parameters."""
+    return densenet_cifar(190, 40, bottleneck=True, compression=0.5, **options)
+
+
+# --- Table 1 of the paper (ImageNet): DenseNet-BC, k=32 -----------------------------
+def densenet_imagenet(block_config, growth_rate=32, num_classes=1000, drop_rate=0.0):
+    return DenseNet(block_config, growth_rate, bottleneck=True, compression=0.5,
+                    stem_channels=2 * growth_rate, stem="imagenet", num_classes=num_classes,
+                    drop_rate=drop_rate)
+
+
+def densenet121(**options):
+    """DenseNet-121: dense blocks of 6, 12, 24, 16 layers."""
+    return densenet_imagenet((6, 12, 24, 16), **options)
+
+
+def densenet169(**options):
+    """DenseNet-169: dense blocks of 6, 12, 32, 32 layers."""
+    return densenet_imagenet((6, 12, 32, 32), **options)
+
+
+def densenet201(**options):
+    """DenseNet-201: dense blocks of 6, 12, 48, 32 layers."""
+    return densenet_imagenet((6, 12, 48, 32), **options)
+
+
+def densenet264(**options):
+    """DenseNet-264: dense blocks of 6, 12, 64, 48 layers."""
+    return densenet_imagenet((6, 12, 64, 48), **options)
