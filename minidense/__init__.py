@@ -17,6 +17,8 @@ from .gradcheck import GradcheckError, gradcheck
 from . import nn
 from . import models
 from .summary import summary
+from .viz import render_dot, to_dot
+from .io import load, save
 
 __version__ = "0.1.0"
 

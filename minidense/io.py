@@ -1,0 +1,186 @@
+"""``md.save`` / ``md.load``: state dicts (and any nest of dicts, lists, arrays, numbers
+and strings, such as an optimizer's state) as ``.npz`` files, with no pickle.
+
+The file is an ordinary NumPy ``.npz``: one ``.npy`` member per array, named by its
+keys joined with "/" (so ``np.load`` alone shows a model's weights by name), plus a
+JSON manifest, stored as a uint8 array, that records the nesting, the key types and
+which Python type each number had.  Numbers are stored as 0-d arrays, so a round trip
+is bit-exact.  Files are written to a temporary file beside the target and renamed
+over it, so a crash never leaves a half-written file under the real name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from . import backend
+from .autograd import Tensor
+
+MANIFEST = "__minidense_manifest__"
+FORMAT = "minidense.save"
+VERSION = 1
+
+# The process's file-creation mask, read once, so that saved files get the usual
+# permissions rather than mkstemp's private 0600.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """A file object for ``path``: written to a temporary file in the same folder,
+    which replaces ``path`` in one step when the block succeeds and is removed when it
+    fails (``path`` is then left as it was)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------
+def _member_name(keys, taken):
+    """A safe, unique .npz member name from a key path: ("state", 0, "step") -> "state/0/step"."""
+    parts = [re.sub(r"[^A-Za-z0-9._-]", "_", str(k)) or "_" for k in keys] or ["value"]
+    base = "/".join(parts)
+    name, n = base, 1
+    while name in taken or name == MANIFEST:
+        n += 1
+        name = f"{base}~{n}"
+    return name
+
+
+def _encode(value, keys, arrays):
+    """The manifest entry for ``value``; its arrays go into ``arrays`` (name -> ndarray)."""
+    where = "/".join(map(str, keys)) or "the top level"
+    if isinstance(value, dict):
+        items = []
+        for key, item in value.items():
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise TypeError(f"save: dict keys must be str or int, got {key!r} "
+                                f"({type(key).__name__}) at {where}")
+            items.append([key, _encode(item, keys + (key,), arrays)])
+        return {"dict": items}
+    if isinstance(value, (list, tuple)):
+        kind = "list" if isinstance(value, list) else "tuple"
+        return {kind: [_encode(item, keys + (i,), arrays) for i, item in enumerate(value)]}
+    if isinstance(value, str):
+        return {"str": value}
+    if value is None:
+        return {"none": None}
+    if isinstance(value, Tensor):
+        value = value.data
+    if isinstance(value, (bool, int, float)):
+        kind = type(value).__name__
+        array = np.asarray(value, dtype={"bool": np.bool_, "int": np.int64, "float": np.float64}[kind])
+    elif backend.is_array(value) or isinstance(value, np.generic):
+        kind = "array" if backend.is_array(value) else "numpy_scalar"
+        array = np.array(backend.to_numpy(value), copy=True)
+        if array.dtype.hasobject:
+            raise TypeError(f"save: the array at {where} has dtype object, which cannot be "
+                            f"stored without pickle")
+    else:
+        raise TypeError(f"save: cannot store a {type(value).__name__} at {where}; supported: "
+                        f"dicts, lists, tuples, Tensors, NumPy/CuPy arrays, numbers, strings, None")
+    name = _member_name(keys, arrays)
+    arrays[name] = array
+    return {kind: name}
+
+
+def save(obj, path) -> None:
+    """Write ``obj`` (a state dict, an optimizer's state, or any nest of dicts, lists
+    and tuples of arrays, Tensors, numbers, strings and None) to ``path`` as .npz."""
+    if hasattr(obj, "state_dict") and not isinstance(obj, dict):
+        raise TypeError(f"save: got a {type(obj).__name__}; save its state instead: "
+                        f"md.save(obj.state_dict(), path)")
+    arrays = {}
+    tree = _encode(obj, (), arrays)
+    manifest = json.dumps({"format": FORMAT, "version": VERSION, "tree": tree})
+    arrays[MANIFEST] = np.frombuffer(manifest.encode("utf-8"), dtype=np.uint8)
+    with atomic_write(path) as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in arrays.items():
+                with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+class _Corrupt(Exception):
+    """The manifest does not match the arrays."""
+
+
+def _decode(entry, arrays):
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise _Corrupt(f"bad manifest entry {entry!r}")
+    (kind, content), = entry.items()
+    if kind == "dict":
+        return {key: _decode(item, arrays) for key, item in content}
+    if kind in ("list", "tuple"):
+        items = [_decode(item, arrays) for item in content]
+        return items if kind == "list" else tuple(items)
+    if kind == "str":
+        return content
+    if kind == "none":
+        return None
+    if content not in arrays:
+        raise _Corrupt(f"the manifest names an array {content!r} that the file lacks")
+    array = arrays[content]
+    if kind == "array":
+        return array
+    if kind == "numpy_scalar":
+        return array[()]
+    if kind in ("bool", "int", "float"):
+        return {"bool": bool, "int": int, "float": float}[kind](array.item())
+    raise _Corrupt(f"unknown manifest entry type {kind!r}")
+
+
+def load(path):
+    """Read a file written by ``save``: the same nest of dicts, lists and tuples, with
+    NumPy arrays for arrays and Tensors, and Python numbers, strings and None as saved.
+    A plain .npz without a manifest (``np.savez``) loads as a dict of its arrays.
+
+    Load weights into a model with ``model.load_state_dict(md.load(path))``, which
+    reports missing, unexpected and mismatched names in one error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load: no such file: {path}")
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise ValueError("it does not start like a .npz (zip) file")
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+        raise ValueError(f"load: {path} is not a readable .npz file written by md.save "
+                         f"(truncated, damaged or another format): {error}") from None
+    manifest = arrays.pop(MANIFEST, None)
+    if manifest is None:
+        return arrays
+    try:
+        info = json.loads(manifest.tobytes().decode("utf-8"))
+        if info.get("format") != FORMAT:
+            raise _Corrupt(f"unknown format {info.get('format')!r}")
+        if info.get("version", 0) > VERSION:
+            raise _Corrupt(f"format version {info['version']} is newer than this minidense reads "
+                           f"({VERSION})")
+        return _decode(info["tree"], arrays)
+    except (_Corrupt, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"load: {path} has a damaged manifest: {error}") from None
