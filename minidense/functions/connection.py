@@ -1,26 +1,61 @@
 """Layers that connect every input unit to output units: convolution and linear."""
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend
 from ..autograd import Function
-from ._utils import col2im, expect_ndim, im2col, output_size, pair
+from ._utils import TapGrid, col2im, expect_ndim, im2col, output_size, pair
 
 
 class Conv2d(Function):
-    """2-D convolution (cross-correlation, as in every framework) by im2col.
+    """2-D convolution (cross-correlation, as in every framework) by patch matrices
+    and matrix products.
 
-    Forward: the patches of x become the columns of a matrix (im2col) and one matrix
-    product with the weights, viewed as (out, in*kh*kw), gives every output pixel.
-    Backward: dW is a product of the output gradient with the patches (recomputed:
-    the patch matrix is kh*kw times larger than x, so it is never kept), and dx is
-    the product of W^T with the output gradient, summed back onto the image (col2im).
-    A 1x1 convolution with stride 1 and no padding needs no im2col at all.
+    Forward: every output pixel is the dot product of the weights, viewed as
+    (out, in*kh*kw), with the patch of the input under the kernel; laying the
+    patches side by side (im2col) makes the whole layer one matrix product.
+    Backward: dW is the product of the output gradient with the same patches
+    (recomputed: they are kh*kw times larger than x, so they are never kept), and
+    dx is W^T times the output gradient, summed back onto the image (col2im).
     Keeps: x and W.
+
+    How, on NumPy.  Patches are cut from :class:`TapGrid` phase grids, on which the
+    patch of one kernel tap for the whole batch is a single contiguous slice, and
+    the product is one large matrix product rather than one per image.  Either
+    side of the product can be the one expanded kh*kw times, and the cheaper is
+    chosen by channel counts (C in, O out):
+
+    * forward, O < C: *output shifts*.  Z = W_taps (kh*kw*O, C) @ x_grid gives each
+      tap's contribution at every grid position; y is the sum of the kh*kw slices
+      of Z shifted by each tap's offset.  (DenseNet's 48 -> 12 3x3 conv expands
+      12 channels instead of 48.)
+    * forward, O >= C: *im2col*: copy the kh*kw shifted slices of x_grid into a
+      (kh*kw*C, span) matrix and multiply by W (O, kh*kw*C).
+    * backward, O <= C (2C when dx is wanted): *expand the output gradient*, the
+      transposed convolution: G holds gy shifted by each tap's offset,
+      (kh*kw*O, size); then dx_grid = W^T-by-tap @ G and dW = G @ x_grid^T, one
+      expansion serving both.
+    * backward otherwise: *expand x*: dW = gy_grid @ patches^T, and dx is the
+      col2im of W^T @ gy_grid, a shifted add per tap on the phase grids.
+
+    1x1 convolutions with stride 1 and no padding need no patches at all: one
+    batched product per image.  On CuPy, im2col and col2im are the gather kernels
+    of ``backend`` and the product is batched over images.
     """
+
+    # None chooses as described above; set on an instance to force a path (tests do,
+    # to check every path on NumPy).
+    layout = None            # "grid" (NumPy's choice) or "gather" (CuPy's)
+    forward_expands = None   # "output" or "input"
+    backward_expands = None  # "gy" or "x"
 
     def __init__(self, stride=1, padding=0):
         self.stride = pair(stride, "stride")
         self.padding = pair(padding, "padding")
+
+    def _on_grid(self, xp):
+        return (self.layout or ("grid" if xp is np else "gather")) == "grid"
 
     def forward(self, x, w, b=None):
         expect_ndim("conv2d", "input", x, 4, "N, C, H, W")
@@ -37,44 +72,154 @@ class Conv2d(Function):
         if oh <= 0 or ow <= 0:
             raise ValueError(f"conv2d: a {kh}x{kw} kernel with padding {self.padding} does not fit "
                              f"an input of shape {tuple(x.shape)}")
-        self.pointwise = (kh, kw, sy, sx, ph, pw) == (1, 1, 1, 1, 0, 0)
         self.save_for_backward(x, w)
         xp = backend.get_array_module(x)
-        cols = self._columns(x, kh, kw)                    # (N, C*kh*kw, OH*OW)
-        y = xp.matmul(w.reshape(o, -1), cols)              # (N, O, OH*OW)
-        y = y.reshape(n, o, oh, ow)
+        if (kh, kw, sy, sx, ph, pw) == (1, 1, 1, 1, 0, 0):
+            y = xp.matmul(w.reshape(o, c), x.reshape(n, c, h * wd)).reshape(n, o, h, wd)
+        elif self._on_grid(xp):
+            y = self._forward_on_grid(x, w)
+        else:
+            y = self._forward_gather(x, w)
         if b is not None:
             y += b.reshape(1, o, 1, 1)
         return y
 
-    def _columns(self, x, kh, kw):
-        n, c = x.shape[:2]
-        if self.pointwise:
-            return x.reshape(n, c, -1)
-        col = im2col(x, (kh, kw), self.stride, self.padding)
-        return col.reshape(n, c * kh * kw, -1)
-
     def backward(self, gy):
         x, w = self.saved
+        want_gx, want_gw = self.needs_input_grad[:2]
+        kh, kw = w.shape[2:]
+        xp = backend.get_array_module(gy)
+        if (kh, kw) + self.stride + self.padding == (1, 1, 1, 1, 0, 0):
+            gx, gw = self._backward_pointwise(x, w, gy, want_gx, want_gw)
+        elif self._on_grid(xp):
+            gx, gw = self._backward_on_grid(x, w, gy, want_gx, want_gw)
+        else:
+            gx, gw = self._backward_gather(x, w, gy, want_gx, want_gw)
+        if len(self.needs_input_grad) == 2:
+            return gx, gw
+        gb = gy.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None
+        return gx, gw, gb
+
+    # -- NumPy: phase grids ---------------------------------------------------------
+    def _forward_on_grid(self, x, w):
+        o, c = w.shape[:2]
+        grid = TapGrid(x.shape, w.shape[2:], self.stride, self.padding)
+        dtype = np.result_type(x, w)
+        x_grids = grid.phases(x, dtype)                       # (phases, C, size)
+        w_taps = _weight_taps(w, grid, dtype)                 # (O, C, taps)
+        y_grid = np.zeros((o, grid.size), dtype=dtype)
+        if (self.forward_expands or ("output" if o < c else "input")) == "output":
+            for f, taps in enumerate(grid.phase_taps):
+                z = (w_taps[:, :, taps].transpose(2, 0, 1).reshape(-1, c) @ x_grids[f])
+                z = z.reshape(-1, o, grid.size)               # (taps of phase f, O, size)
+                for t, offset in enumerate(grid.offsets[taps]):
+                    y_grid[:, :grid.span] += z[t, :, offset:offset + grid.span]
+        else:  # im2col
+            patches = _patches(x_grids, grid)                 # (taps*C, span)
+            w_mat = w_taps.transpose(0, 2, 1).reshape(o, -1)  # (O, taps*C)
+            np.matmul(w_mat, patches, out=y_grid[:, :grid.span])
+        return grid.crop(y_grid)
+
+    def _backward_on_grid(self, x, w, gy, want_gx, want_gw):
+        o, c = w.shape[:2]
+        grid = TapGrid(x.shape, w.shape[2:], self.stride, self.padding)
+        dtype = np.result_type(x, w, gy)
+        x_grids = grid.phases(x, dtype) if want_gw else None
+        w_taps = _weight_taps(w, grid, dtype)
+        gy_grid = grid.on_grid(gy, dtype)                     # (O, size)
+        gx_grids = np.zeros((len(grid.phase_taps), c, grid.size), dtype=dtype) if want_gx else None
+        gw_taps = np.empty((len(grid.taps), o, c), dtype=dtype) if want_gw else None
+        cheaper = "gy" if o <= c * (2 if want_gx and want_gw else 1) else "x"
+        if (self.backward_expands or cheaper) == "gy":
+            # Transposed convolution: gy shifted by each tap's offset, (taps, O, size).
+            gy_shifted = np.empty((len(grid.taps), o, grid.size), dtype=dtype)
+            for k, offset in enumerate(grid.offsets):
+                gy_shifted[k, :, :offset] = 0
+                gy_shifted[k, :, offset:] = gy_grid[:, :grid.size - offset]
+            for f, taps in enumerate(grid.phase_taps):
+                g = gy_shifted[taps].reshape(-1, grid.size)   # (taps of f * O, size)
+                if want_gw:
+                    gw_taps[taps] = (g @ x_grids[f].T).reshape(-1, o, c)
+                if want_gx:
+                    w_f = w_taps[:, :, taps].transpose(1, 2, 0).reshape(c, -1)
+                    np.matmul(w_f, g, out=gx_grids[f])
+        else:
+            gy_span = gy_grid[:, :grid.span]
+            if want_gw:
+                patches = _patches(x_grids, grid)
+                gw_taps[...] = (gy_span @ patches.T).reshape(o, -1, c).transpose(1, 0, 2)
+                del patches
+            if want_gx:  # col2im: each tap's patch gradient added back at its offset
+                w_mat = w_taps.transpose(0, 2, 1).reshape(o, -1)
+                patch_grads = (w_mat.T @ gy_span).reshape(-1, c, grid.span)
+                for k, (f, offset) in enumerate(zip(grid.tap_phase, grid.offsets)):
+                    gx_grids[f][:, offset:offset + grid.span] += patch_grads[k]
+        gx = gw = None
+        if want_gx:
+            gx = grid.image_from_phases(gx_grids).astype(x.dtype, copy=False)
+        if want_gw:
+            gw = np.zeros(w.shape, dtype=w.dtype)
+            kys, kxs = zip(*grid.taps)
+            gw[:, :, list(kys), list(kxs)] = gw_taps.transpose(1, 2, 0)
+        return gx, gw
+
+    # -- 1x1, stride 1, no padding: no patches --------------------------------------
+    def _backward_pointwise(self, x, w, gy, want_gx, want_gw):
+        xp = backend.get_array_module(gy)
+        n, c, h, wd = x.shape
+        o = w.shape[0]
+        gy_mat = gy.reshape(n, o, h * wd)
+        gx = xp.matmul(w.reshape(o, c).T, gy_mat).reshape(x.shape) if want_gx else None
+        gw = None
+        if want_gw:
+            gw = xp.matmul(gy_mat, x.reshape(n, c, h * wd).transpose(0, 2, 1)).sum(axis=0)
+            gw = gw.reshape(w.shape)
+        return gx, gw
+
+    # -- CuPy: im2col and col2im gather kernels -------------------------------------
+    def _columns(self, x, kh, kw):
+        n, c = x.shape[:2]
+        return im2col(x, (kh, kw), self.stride, self.padding).reshape(n, c * kh * kw, -1)
+
+    def _forward_gather(self, x, w):
+        xp = backend.get_array_module(x)
+        n = x.shape[0]
+        o, c, kh, kw = w.shape
+        oh, ow = (output_size(s, k, st, p) for s, k, st, p in
+                  zip(x.shape[2:], (kh, kw), self.stride, self.padding))
+        y = xp.matmul(w.reshape(o, -1), self._columns(x, kh, kw))     # (N, O, OH*OW)
+        return y.reshape(n, o, oh, ow)
+
+    def _backward_gather(self, x, w, gy, want_gx, want_gw):
         xp = backend.get_array_module(gy)
         n, o, oh, ow = gy.shape
         kh, kw = w.shape[2:]
         gy_mat = gy.reshape(n, o, oh * ow)
-        gx = gw = gb = None
-        if self.needs_input_grad[1]:
+        gx = gw = None
+        if want_gw:
             cols = self._columns(x, kh, kw)
             gw = xp.matmul(gy_mat, cols.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape)
             del cols
-        if self.needs_input_grad[0]:
-            gcols = xp.matmul(w.reshape(o, -1).T, gy_mat)    # (N, C*kh*kw, OH*OW)
-            if self.pointwise:
-                gx = gcols.reshape(x.shape)
-            else:
-                gcols = gcols.reshape(n, x.shape[1], kh, kw, oh, ow)
-                gx = col2im(gcols, x.shape, self.stride, self.padding)
-        if len(self.needs_input_grad) == 3 and self.needs_input_grad[2]:
-            gb = gy.sum(axis=(0, 2, 3))
-        return (gx, gw) if len(self.needs_input_grad) == 2 else (gx, gw, gb)
+        if want_gx:
+            gcols = xp.matmul(w.reshape(o, -1).T, gy_mat)              # (N, C*kh*kw, OH*OW)
+            gcols = gcols.reshape(n, x.shape[1], kh, kw, oh, ow)
+            gx = col2im(gcols, x.shape, self.stride, self.padding)
+        return gx, gw
+
+
+def _weight_taps(w, grid, dtype):
+    """The weights (O, C, kh, kw) as (O, C, taps), taps in the grid's order."""
+    kys, kxs = zip(*grid.taps)
+    return w[:, :, list(kys), list(kxs)].astype(dtype, copy=False)
+
+
+def _patches(x_grids, grid):
+    """im2col on phase grids: (taps*C, span), row block k = the slice tap k reads."""
+    c = x_grids.shape[1]
+    patches = np.empty((len(grid.taps), c, grid.span), dtype=x_grids.dtype)
+    for k, (f, offset) in enumerate(zip(grid.tap_phase, grid.offsets)):
+        patches[k] = x_grids[f][:, offset:offset + grid.span]
+    return patches.reshape(-1, grid.span)
 
 
 class Linear(Function):
