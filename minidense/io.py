@@ -168,6 +168,9 @@ def load(path):
                 raise ValueError("it does not start like a .npz (zip) file")
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
+        for name, array in arrays.items():
+            if not isinstance(array, np.ndarray):  # np.load gives other members as bytes
+                raise ValueError(f"its member {name!r} is not a .npy array")
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as error:
         raise ValueError(f"load: {path} is not a readable .npz file written by md.save "
                          f"(truncated, damaged or another format): {error}") from None
