@@ -1,0 +1,338 @@
+"""Time minidense's heavy ops against PyTorch, side by side in the same run.
+
+    python benchmarks/ops.py                 # CPU, the shapes that dominate the models
+    python benchmarks/ops.py --quick         # fewer repetitions
+    python benchmarks/ops.py --device cuda   # minidense on CuPy, PyTorch on CUDA
+
+For each op and shape: forward alone (under no_grad) and forward + backward (leaf
+inputs, a fixed upstream gradient; the leaves' .grad is cleared before each call),
+float32.  The two frameworks alternate call by call, so that noise from other
+programs on the machine hits both alike, and the median of ``--repeats`` calls after
+warm-up is reported (the minimum goes into the JSON too).  PyTorch gets as many
+threads as minidense's BLAS uses.  The ratio is minidense's time over PyTorch's.
+
+Goal (issue 2): conv2d forward + backward at most 3x PyTorch's time at every 32x32
+shape and at most 2x at 8x8; the "goal" column says whether each conv meets it.
+Without torch the PyTorch columns stay empty.  Results also go to a JSON file
+(``benchmarks/results/ops-<device>.json`` unless ``--json`` says otherwise), with
+the machine: CPU count, NumPy, BLAS and its threads, torch.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import minidense as md  # noqa: E402
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    torch = None
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------------
+# The cases: (name, shape text, goal ratio or None, builder).  A builder gets the
+# device and a seeded generator and returns the inputs as float32 NumPy arrays plus
+# one function per framework that runs the op on that framework's tensors.
+# ---------------------------------------------------------------------------
+def conv_case(n, c, hw, o, k, stride, pad):
+    goal = 3.0 if hw >= 32 else 2.0
+    shape = f"{n}x{c}x{hw}x{hw}, {o} {k}x{k} filters, stride {stride}, pad {pad}"
+
+    def build(rng):
+        arrays = [rng.standard_normal((n, c, hw, hw), dtype=np.float32),
+                  rng.standard_normal((o, c, k, k), dtype=np.float32) * np.float32((2 / (c * k * k)) ** 0.5)]
+        return arrays, (lambda x, w: md.conv2d(x, w, stride=stride, padding=pad),
+                        lambda x, w: F.conv2d(x, w, stride=stride, padding=pad))
+    return "conv2d", shape, goal, build
+
+
+def batch_norm_case(n, c, hw):
+    def build(rng):
+        arrays = [rng.standard_normal((n, c, hw, hw), dtype=np.float32),
+                  rng.uniform(0.5, 1.5, c).astype(np.float32), rng.standard_normal(c, dtype=np.float32)]
+
+        def md_bn(x, gamma, beta):
+            xp = md.backend.get_array_module(x.data)
+            return md.batch_norm(x, gamma, beta, xp.zeros(c, np.float32), xp.ones(c, np.float32),
+                                 training=True)
+
+        def torch_bn(x, gamma, beta):
+            return F.batch_norm(x, torch.zeros(c, device=x.device), torch.ones(c, device=x.device),
+                                gamma, beta, training=True)
+        return arrays, (md_bn, torch_bn)
+    return "batch_norm", f"{n}x{c}x{hw}x{hw}, training", None, build
+
+
+def concat_case(n, c, growth, hw):
+    def build(rng):
+        arrays = [rng.standard_normal((n, c, hw, hw), dtype=np.float32),
+                  rng.standard_normal((n, growth, hw, hw), dtype=np.float32)]
+        return arrays, (lambda a, b: md.concat([a, b], axis=1), lambda a, b: torch.cat([a, b], dim=1))
+    return "concat", f"{n}x{c}x{hw}x{hw} + {n}x{growth}x{hw}x{hw}", None, build
+
+
+def relu_case(n, c, hw):
+    def build(rng):
+        return [rng.standard_normal((n, c, hw, hw), dtype=np.float32)], (md.relu, F.relu)
+    return "relu", f"{n}x{c}x{hw}x{hw}", None, build
+
+
+def avg_pool_case(n, c, hw, k):
+    def build(rng):
+        return ([rng.standard_normal((n, c, hw, hw), dtype=np.float32)],
+                (lambda x: md.avg_pool2d(x, k), lambda x: F.avg_pool2d(x, k)))
+    return "avg_pool2d", f"{n}x{c}x{hw}x{hw}, {k}x{k}", None, build
+
+
+CASES = [
+    conv_case(64, 48, 32, 12, 3, 1, 1),    # DenseNet-BC growth-rate conv
+    conv_case(64, 16, 32, 16, 3, 1, 1),    # ResNet-20, first stage
+    conv_case(64, 64, 8, 64, 3, 1, 1),     # ResNet-20, last stage
+    conv_case(64, 48, 32, 12, 3, 2, 1),
+    conv_case(64, 16, 32, 16, 3, 2, 1),
+    conv_case(64, 64, 8, 64, 3, 2, 1),
+    conv_case(64, 200, 32, 48, 1, 1, 0),   # DenseNet-BC bottleneck
+    batch_norm_case(64, 48, 32),
+    batch_norm_case(64, 64, 8),
+    concat_case(64, 16, 12, 32),           # DenseNet dense connectivity, first layer...
+    concat_case(64, 16 + 12 * 7, 12, 32),
+    concat_case(64, 16 + 12 * 15, 12, 32), # ...and last layer of a 16-layer block
+    relu_case(64, 48, 32),
+    avg_pool_case(64, 48, 32, 2),          # DenseNet transition
+]
+
+
+# ---------------------------------------------------------------------------
+# Frameworks: make tensors, run forward or forward + backward, wait for the device.
+# ---------------------------------------------------------------------------
+class Minidense:
+    name = "minidense"
+
+    def __init__(self, device):
+        self.device = device
+
+    def tensors(self, arrays):
+        return [md.tensor(a, requires_grad=True, device=self.device) for a in arrays]
+
+    def gradient(self, like):
+        xp = md.backend.array_module(self.device)
+        return xp.asarray(np.random.default_rng(1).standard_normal(like.shape, dtype=np.float32))
+
+    def forward(self, op, inputs):
+        with md.no_grad():
+            return op(*inputs)
+
+    def forward_backward(self, op, inputs, gy):
+        for t in inputs:
+            t.grad = None
+        op(*inputs).backward(gy)
+
+    def synchronize(self):
+        if self.device == "cuda":
+            md.backend.array_module("cuda").cuda.get_current_stream().synchronize()
+
+
+class Torch:
+    name = "torch"
+
+    def __init__(self, device):
+        self.device = device
+
+    def tensors(self, arrays):
+        return [torch.tensor(a, device=self.device, requires_grad=True) for a in arrays]
+
+    def gradient(self, like):
+        gy = np.random.default_rng(1).standard_normal(tuple(like.shape), dtype=np.float32)
+        return torch.tensor(gy, device=self.device)
+
+    def forward(self, op, inputs):
+        with torch.no_grad():
+            return op(*inputs)
+
+    def forward_backward(self, op, inputs, gy):
+        for t in inputs:
+            t.grad = None
+        op(*inputs).backward(gy)
+
+    def synchronize(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def time_interleaved(calls, repeats, warmup, synchronize):
+    """Milliseconds of each call, the calls alternating one after another."""
+    for call, sync in zip(calls, synchronize):
+        for _ in range(warmup):
+            call()
+            sync()
+    times = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, sync, record in zip(calls, synchronize, times):
+            start = time.perf_counter()
+            call()
+            sync()
+            record.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def summary(ms):
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "all_ms": [round(t, 3) for t in ms]}
+
+
+def run_case(case, frameworks, repeats, warmup):
+    family, shape, goal, build = case
+    arrays, ops = build(np.random.default_rng(0))
+    result = {"op": family, "shape": shape, "goal_ratio": goal}
+    for mode in ("forward", "forward_backward"):
+        calls = []
+        for fw, op in zip(frameworks, ops):
+            inputs = fw.tensors(arrays)
+            if mode == "forward":
+                calls.append(lambda fw=fw, op=op, inputs=inputs: fw.forward(op, inputs))
+            else:
+                gy = fw.gradient(fw.forward(op, inputs))
+                calls.append(lambda fw=fw, op=op, inputs=inputs, gy=gy: fw.forward_backward(op, inputs, gy))
+        times = time_interleaved(calls, repeats, warmup, [fw.synchronize for fw in frameworks])
+        for fw, ms in zip(frameworks, times):
+            result.setdefault(fw.name, {})[mode] = summary(ms)
+        if len(frameworks) == 2:
+            result.setdefault("ratio", {})[mode] = (result["minidense"][mode]["median_ms"]
+                                                    / result["torch"][mode]["median_ms"])
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Machine description and output
+# ---------------------------------------------------------------------------
+def blas_description():
+    """BLAS library and the number of threads it runs (threadpoolctl when installed)."""
+    info = {}
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        info = {"name": blas.get("name"), "version": blas.get("version")}
+    except Exception:  # older NumPy: no dict form
+        pass
+    threads = None
+    try:
+        from threadpoolctl import threadpool_info
+        pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        if pools:
+            threads = pools[0]["num_threads"]
+            info["internal_api"] = pools[0].get("internal_api")
+            info["architecture"] = pools[0].get("architecture")
+    except ImportError:
+        for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+            if os.environ.get(var):
+                threads = int(os.environ[var])
+                break
+    info["threads"] = threads or os.cpu_count()
+    return info
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device, blas):
+    info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "blas": blas, "device": device,
+            "torch": torch.__version__ if torch is not None else None,
+            "torch_threads": torch.get_num_threads() if torch is not None else None}
+    if device == "cuda":
+        cupy = md.backend.array_module("cuda")
+        info["cupy"] = cupy.__version__
+        info["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    return info
+
+
+def print_table(results, has_torch):
+    header = f"{'op':<11} {'shape':<48} {'fwd ms':>8} {'torch':>8} {'ratio':>6}   {'f+b ms':>8} {'torch':>8} {'ratio':>6}  goal"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        cells = []
+        for mode in ("forward", "forward_backward"):
+            mine = r["minidense"][mode]["median_ms"]
+            theirs = r["torch"][mode]["median_ms"] if has_torch else None
+            cells.append(f"{mine:8.2f} " + (f"{theirs:8.2f} {mine / theirs:5.2f}x" if has_torch else f"{'-':>8} {'-':>6}"))
+        goal = ""
+        if r["goal_ratio"] and has_torch:
+            met = r["ratio"]["forward_backward"] <= r["goal_ratio"]
+            goal = f"<={r['goal_ratio']:.0f}x " + ("met" if met else "MISSED")
+        print(f"{r['op']:<11} {r['shape']:<48} {cells[0]}   {cells[1]}  {goal}")
+
+
+def write_json_atomically(path, payload):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per framework (default 15, 5 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/ops-<device>.json)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--only", default=None, help="run only the ops whose name contains this text")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 15)
+    warmup = 1 if args.quick else 2
+    md.backend.check_device(args.device)
+
+    blas = blas_description()
+    frameworks = [Minidense(args.device)]
+    if torch is not None:
+        torch.set_num_threads(blas["threads"])
+        frameworks.append(Torch(args.device))
+    machine = machine_description(args.device, blas)
+    print(f"minidense on {'NumPy' if args.device == 'cpu' else 'CuPy'} vs "
+          + (f"PyTorch {torch.__version__} on {args.device}" if torch is not None else "no PyTorch (not importable)"))
+    print(f"{machine['cpu']}, {machine['cpu_count']} CPUs; NumPy {np.__version__}, "
+          f"BLAS {blas.get('name')} {blas.get('version')} with {blas['threads']} threads"
+          + (f"; torch set to {torch.get_num_threads()} threads to match" if torch is not None else ""))
+    print(f"float32; median of {repeats} interleaved calls after {warmup} warm-up; ratio = minidense / torch\n")
+
+    cases = [c for c in CASES if args.only is None or args.only in c[0]]
+    results = []
+    for case in cases:
+        results.append(run_case(case, frameworks, repeats, warmup))
+    print_table(results, torch is not None)
+
+    payload = {"benchmark": "benchmarks/ops.py",
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": machine, "settings": {"repeats": repeats, "warmup": warmup, "dtype": "float32"},
+               "results": results}
+    path = args.json or RESULTS_DIR / f"ops-{args.device}.json"
+    write_json_atomically(path, payload)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
