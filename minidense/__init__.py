@@ -16,6 +16,7 @@ from .functions import (
 from .gradcheck import GradcheckError, gradcheck
 from . import nn
 from . import models
+from . import data, optim
 from .summary import summary
 from .viz import render_dot, to_dot
 from .io import load, save

@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -22,6 +21,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from ..io import atomic_write
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -41,7 +42,7 @@ class DataUnavailableError(RuntimeError):
 class ImageDataset:
     """Images (uint8 NHWC), labels (int64) and class names, all in memory."""
 
-    def __init__(self, images, labels, classes, name="images"):
+    def __init__(self, images, labels, classes, name="images", source=None):
         images, labels = np.asarray(images), np.asarray(labels)
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"ImageDataset: images must be uint8 of shape (N, H, W, C), "
@@ -51,6 +52,7 @@ class ImageDataset:
                              f"got {labels.shape}")
         self.images, self.labels = images, labels.astype(np.int64, copy=False)
         self.classes, self.name = list(classes), name
+        self.source = source   # what ``open_datasets`` needs to open it again
 
     def __len__(self):
         return len(self.labels)
@@ -70,7 +72,7 @@ class ImageDataset:
             return self
         keep = np.sort(np.random.default_rng(seed).permutation(len(self))[:size])
         return ImageDataset(self.images[keep], self.labels[keep], self.classes,
-                            f"{self.name}[{size}]")
+                            f"{self.name}[{size}]", self.source)
 
     def __repr__(self):
         return (f"ImageDataset({self.name}: {len(self)} images of {self.images.shape[1:]}, "
@@ -112,17 +114,12 @@ def _source_key(path: Path, *extra) -> str:
 
 
 def _save_npy_atomic(path: Path, array) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.save(f, array, allow_pickle=False)
 
 
-def _cached_decode(source: Path, split: str, decode, name: str, cache=None) -> ImageDataset:
+def _cached_decode(source: Path, split: str, decode, name: str, cache=None,
+                   opened_as=None) -> ImageDataset:
     """Load (images, labels, classes) decoded from ``source`` from the cache, or run
     ``decode()`` and cache its result.  Each file is written atomically, images last,
     so an interrupted first run leaves no half-written cache behind."""
@@ -134,14 +131,14 @@ def _cached_decode(source: Path, split: str, decode, name: str, cache=None) -> I
         try:
             arrays = {part: np.load(f, allow_pickle=False) for part, f in files.items()}
             return ImageDataset(arrays["images"], arrays["labels"], arrays["classes"].tolist(),
-                                f"{name}/{split}")
+                                f"{name}/{split}", opened_as)
         except (ValueError, OSError):
             pass  # a damaged cache: decode again
     images, labels, classes = decode()
     _save_npy_atomic(files["labels"], labels)
     _save_npy_atomic(files["classes"], np.array(classes, dtype=str))
     _save_npy_atomic(files["images"], images)
-    return ImageDataset(images, labels, classes, f"{name}/{split}")
+    return ImageDataset(images, labels, classes, f"{name}/{split}", opened_as)
 
 
 # ---------------------------------------------------------------------------
@@ -162,27 +159,24 @@ def _where_to_put_it(path: Path) -> str:
 
 
 def download_cifar10(path: Path, url: str = CIFAR10_URL, timeout: float = 30.0) -> Path:
-    """Download the binary release to ``path`` (atomically) and check its md5."""
+    """Download the binary release to ``path``, checking its md5 on the way; the file
+    appears under its name only when complete and correct."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    for block in iter(lambda: response.read(1 << 20), b""):
-                        out.write(block)
-            except (urllib.error.URLError, OSError) as error:
-                raise DataUnavailableError(
-                    f"CIFAR-10 is not in the cache and could not be downloaded from {url} "
-                    f"({error}); {_where_to_put_it(path)}") from error
-        digest = _md5(Path(tmp))
-        if digest != CIFAR10_MD5:
+    digest = hashlib.md5()
+    with atomic_write(path) as out:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
+        except (urllib.error.URLError, OSError) as error:
             raise DataUnavailableError(
-                f"the CIFAR-10 download from {url} has md5 {digest}, expected {CIFAR10_MD5} "
-                f"(a truncated or altered file); {_where_to_put_it(path)}")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+                f"CIFAR-10 is not in the cache and could not be downloaded from {url} "
+                f"({error}); {_where_to_put_it(path)}") from error
+        if digest.hexdigest() != CIFAR10_MD5:
+            raise DataUnavailableError(
+                f"the CIFAR-10 download from {url} has md5 {digest.hexdigest()}, expected "
+                f"{CIFAR10_MD5} (a truncated or altered file); {_where_to_put_it(path)}")
     return path
 
 
@@ -237,7 +231,7 @@ def CIFAR10(root=None, train: bool = True, download: bool = True) -> ImageDatase
                                        f"{_where_to_put_it(archive)}")
         return parse_cifar10_binary(archive, train)
 
-    return _cached_decode(archive, "train" if train else "test", decode, "cifar10", folder)
+    return _cached_decode(archive, "train" if train else "test", decode, "cifar10", folder, "cifar10")
 
 
 # ---------------------------------------------------------------------------
@@ -317,7 +311,8 @@ def ImageFolder(path, train: bool = True, workers: int | None = None, cache=None
                 images = np.concatenate(list(parts))
         return images, labels, classes
 
-    return _cached_decode(path, split, decode, "imagefolder-" + path.stem, cache)
+    return _cached_decode(path, split, decode, "imagefolder-" + path.stem, cache,
+                          str(path.resolve()))
 
 
 # ---------------------------------------------------------------------------
@@ -326,8 +321,8 @@ def ImageFolder(path, train: bool = True, workers: int | None = None, cache=None
 def Digits(train: bool = True, size: int = 32) -> ImageDataset:
     """The 1,797 8x8 handwritten digits that ship with scikit-learn (16 grey levels),
     upsampled by pixel repetition to ``size`` x ``size`` with 3 equal channels, so the
-    CIFAR models run on them unchanged.  Every fifth image (index % 5 == 4) is the
-    test set: a fixed split, balanced over the writers that the ordering follows."""
+    CIFAR models run on them unchanged.  The test set is every fifth image of each
+    digit (a fixed split, 20% of every class)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
@@ -338,10 +333,12 @@ def Digits(train: bool = True, size: int = 32) -> ImageDataset:
     scale = size // 8
     big = grey.repeat(scale, axis=1).repeat(scale, axis=2)
     images = np.ascontiguousarray(np.repeat(big[..., None], 3, axis=3))
-    in_test = np.arange(len(images)) % 5 == 4
+    in_test = np.zeros(len(images), dtype=bool)
+    for digit in range(10):
+        in_test[np.flatnonzero(digits.target == digit)[4::5]] = True
     keep = in_test if not train else ~in_test
     return ImageDataset(images[keep], digits.target[keep], [str(d) for d in range(10)],
-                        "digits/" + ("train" if train else "test"))
+                        "digits/" + ("train" if train else "test"), "digits")
 
 
 # ---------------------------------------------------------------------------
@@ -362,7 +359,7 @@ def shared_cifar10_zip():
     return None
 
 
-def open_datasets(source=None, log=print):
+def open_datasets(source=None, log=print, workers=None):
     """(train set, test set) for ``source``: "cifar10" (the binary release: cached, or
     downloaded, or a clear error), "digits" (the offline demo), or the path of an image
     folder or .zip.  With no source: the zip of ``shared_cifar10_zip()``, else CIFAR-10
@@ -372,11 +369,11 @@ def open_datasets(source=None, log=print):
     if source == "digits":
         return Digits(train=True), Digits(train=False)
     if source is not None:
-        return ImageFolder(source, train=True), ImageFolder(source, train=False)
+        return ImageFolder(source, True, workers), ImageFolder(source, False, workers)
     shared = shared_cifar10_zip()
     if shared is not None:
         log(f"data: CIFAR-10 from {shared}")
-        return ImageFolder(shared, train=True), ImageFolder(shared, train=False)
+        return ImageFolder(shared, True, workers), ImageFolder(shared, False, workers)
     try:
         return CIFAR10(train=True), CIFAR10(train=False)
     except DataUnavailableError as error:
