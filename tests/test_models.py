@@ -87,6 +87,14 @@ def test_names_cover_every_model_and_get_rejects_unknown_names():
         models.get("densenet99")
 
 
+def test_get_builds_the_families_from_their_configuration():
+    tiny = models.get("densenet_cifar", depth=10, growth_rate=4, bottleneck=True, compression=0.5)
+    assert [n for n, _ in tiny.named_children()] == [
+        "stem", "block1", "transition1", "block2", "transition2", "block3", "classifier"]
+    assert tiny.stem.out_channels == 2 * 4  # 2k for DenseNet-BC
+    assert models.get("resnet_cifar", depth=20).num_parameters() == PUBLISHED["resnet20"]
+
+
 def test_options_reach_the_model():
     assert models.get("resnet20", num_classes=100).classifier.fc.out_features == 100
     assert models.get("densenet40_k12", stem_channels=24).stem.out_channels == 24
