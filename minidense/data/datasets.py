@@ -30,6 +30,7 @@ CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGES_PER_WORKER = 2000   # fewer images than this per process are not worth a process
 
 
 class DataUnavailableError(RuntimeError):
@@ -300,7 +301,7 @@ def ImageFolder(path, train: bool = True, workers: int | None = None, cache=None
         classes = _class_names(path)
         labels = np.array([classes.index(cls) for _, cls in entries], dtype=np.int64)
         members = [name for name, _ in entries]
-        n_workers = min(workers or os.cpu_count() or 1, max(1, len(members) // 2000))
+        n_workers = min(workers or os.cpu_count() or 1, max(1, len(members) // IMAGES_PER_WORKER))
         if n_workers <= 1:
             images = _decode_images(str(path), members)
         else:
