@@ -192,7 +192,7 @@ class Module:
         if strict and unexpected:
             problems.append("unexpected keys: " + ", ".join(unexpected))
         if problems:
-            raise KeyError(f"load_state_dict into {type(self).__name__}: " + " | ".join(problems))
+            raise RuntimeError(f"load_state_dict into {type(self).__name__}: " + " | ".join(problems))
         for name, t in own.items():
             if name in state:
                 value = state[name]
