@@ -27,6 +27,9 @@ CASES = [
     ((1, 2, 5, 6), (3, 2, 3, 3), (2, 1), (0, 2), False),
     ((1, 4, 5, 5), (4, 4, 3, 3), 3, 2, True),          # stride 3, in == out
     ((1, 2, 7, 6), (2, 2, 2, 2), 3, 0, False),         # stride > kernel: pixels no tap reads
+    ((3, 2, 4, 5), (3, 2, 3, 3), 1, 3, True),          # padding > kernel - 1, batch 3
+    ((3, 3, 8, 8), (2, 3, 3, 3), 2, 1, False),         # images sharing padding, stride 2
+    ((2, 3, 6, 7), (4, 3, 2, 2), 1, (0, 1), True),     # even kernel, one-sided reach
 ]
 CASE_IDS = [f"x{c[0]}-w{c[1]}-s{c[2]}-p{c[3]}" + ("-bias" if c[4] else "") for c in CASES]
 

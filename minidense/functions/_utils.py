@@ -1,6 +1,9 @@
 """Helpers shared by the ops: shape checks, broadcasting, im2col and col2im."""
 from __future__ import annotations
 
+import math
+import threading
+
 import numpy as np
 
 from .. import backend
@@ -89,19 +92,21 @@ class TapGrid:
     (ky, kx) then reads phase (ky % sy, kx % sx) at (oy + ky // sy, ox + kx // sx),
     a stride-1 shift.  (With stride 1 there is one phase: the padded image.)
 
-    Each phase is stored channel-major and flattened over (image, row, column),
-    shape (C, N*GH*GW) with GH x GW the grid of one image.  In those flat
-    coordinates the 2-D shift (dy, dx) is the 1-D offset ``dy*GW + dx``, so the
-    values one tap sees for *every* output pixel of the batch are one slice
-    ``phase[:, offset:offset + span]``: im2col becomes kh*kw contiguous copies.
-    Results are computed for every grid position ``p < span`` and the output
-    pixels (rows < OH, columns < OW of each image's grid) are cropped at the end;
-    the extra grid positions cost about ((OH+kh-1)/OH)**2 more work, which is
-    why 1x1 convolutions skip all this.
+    Each phase is stored channel-major and flattened over (image, row, column), one
+    GH x GW cell per image, so that the 2-D shift (dy, dx) is the 1-D offset
+    ``dy*GW + dx``: what one tap sees for *every* output pixel of the batch is the
+    slice ``phase[:, offset:offset + size]`` (size = N*GH*GW), and im2col becomes
+    kh*kw contiguous copies.  Outputs are computed at every cell position and the
+    OH x OW corner of each cell is cropped at the end.  Rows and images share their
+    zero padding (a 3x3 'same' convolution needs one zero row between images and one
+    zero column between rows, not two): the cell is the smallest for which no output
+    reads a pixel of another row or image, so the wasted positions cost about
+    (H+ph)(W+pw)/(H*W) - 1 more work at stride 1; 1x1 convolutions skip all this.
 
     Taps are listed grouped by phase: tap k is ``taps[k] = (ky, kx)``, reads phase
     ``tap_phase[k]`` at ``offsets[k]``, and ``phase_taps[f]`` is the slice of the
-    taps that read phase f.
+    taps that read phase f.  Phase grids have ``input_size`` = size + the largest
+    offset columns (a zero tail that the last image's taps read).
     """
 
     def __init__(self, image_shape, kernel, stride, pad):
@@ -109,7 +114,8 @@ class TapGrid:
         (kh, kw), (sy, sx), (ph, pw) = kernel, stride, pad
         self.image_shape, self.stride, self.pad = tuple(image_shape), (sy, sx), (ph, pw)
         self.oh, self.ow = output_size(h, kh, sy, ph), output_size(w, kw, sx, pw)
-        self.gh, self.gw = self.oh + (kh - 1) // sy, self.ow + (kw - 1) // sx
+        self.gh = _cell_length(h, kh, sy, ph, self.oh)
+        self.gw = _cell_length(w, kw, sx, pw, self.ow)
         self.size = n * self.gh * self.gw
         self.taps, self.offsets, self.tap_phase, self.phase_taps = [], [], [], []
         for a in range(sy):
@@ -121,52 +127,51 @@ class TapGrid:
                         self.offsets.append((ky // sy) * self.gw + kx // sx)
                         self.tap_phase.append(a * sx + b)
                 self.phase_taps.append(slice(first, len(self.taps)))
-        self.span = self.size - max(self.offsets)
+        self.input_size = self.size + max(self.offsets)
 
     def _phase_slices(self, a, b):
-        """(grid index, image index) slices of the image pixels that phase (a, b) holds."""
+        """(cell index, image index) slices of the image pixels that phase (a, b) holds."""
         n, c, h, w = self.image_shape
-        rows = _phase_slice(h, self.pad[0], self.stride[0], a, self.gh)
-        cols = _phase_slice(w, self.pad[1], self.stride[1], b, self.gw)
+        rows = _phase_slice(h, self.pad[0], self.stride[0], a)
+        cols = _phase_slice(w, self.pad[1], self.stride[1], b)
         if rows is None or cols is None:
             return None
         return (slice(None), slice(None), rows[0], cols[0]), (slice(None), slice(None), rows[1], cols[1])
 
-    def phases(self, x, dtype=None):
-        """The phases of zero-padded ``x`` (N, C, H, W): shape (sy*sx, C, N*GH*GW)."""
-        xp = backend.get_array_module(x)
+    def phases(self, x, out):
+        """Fill ``out`` (sy*sx, C, input_size) with the phases of zero-padded ``x`` (N, C, H, W)
+        (only those that some tap reads)."""
         n, c = x.shape[:2]
-        sy, sx = self.stride
-        grids = xp.zeros((sy * sx, c, n, self.gh, self.gw), dtype=dtype or x.dtype)
+        out.fill(0)
         channel_major = x.transpose(1, 0, 2, 3)
-        for f in range(sy * sx):
-            where = self._phase_slices(*divmod(f, sx))
-            if where is not None:
-                grids[f][where[0]] = channel_major[where[1]]
-        return grids.reshape(sy * sx, c, self.size)
+        for f, taps in enumerate(self.phase_taps):
+            where = self._phase_slices(*divmod(f, self.stride[1]))
+            if where is not None and taps.stop > taps.start:
+                cells = out[f, :, :self.size].reshape(c, n, self.gh, self.gw)
+                cells[where[0]] = channel_major[where[1]]
+        return out
 
-    def image_from_phases(self, grids, dtype=None):
-        """The adjoint of ``phases``: the image (N, C, H, W) whose phases are ``grids``;
-        the padding is dropped (its gradient goes nowhere)."""
+    def image_from_phases(self, grids, dtype):
+        """The adjoint of ``phases``: a fresh image (N, C, H, W) from its phase grids.
+        The padding is dropped (its gradient goes nowhere), and phases that no tap
+        reads are not looked at (their gradient is zero)."""
         xp = backend.get_array_module(grids)
         n, c, h, w = self.image_shape
-        sy, sx = self.stride
-        image = xp.zeros((n, c, h, w), dtype=dtype or grids.dtype)
+        image = xp.zeros((n, c, h, w), dtype=dtype)
         channel_major = image.transpose(1, 0, 2, 3)
-        for f in range(sy * sx):
-            where = self._phase_slices(*divmod(f, sx))
-            if where is not None:
-                grid = grids[f].reshape(c, n, self.gh, self.gw)
-                channel_major[where[1]] = grid[where[0]]
+        for f, taps in enumerate(self.phase_taps):
+            where = self._phase_slices(*divmod(f, self.stride[1]))
+            if where is not None and taps.stop > taps.start:
+                cells = grids[f, :, :self.size].reshape(c, n, self.gh, self.gw)
+                channel_major[where[1]] = cells[where[0]]
         return image
 
-    def on_grid(self, y, dtype=None):
-        """Outputs (N, O, OH, OW) placed on the flat output grid (O, N*GH*GW), zeros elsewhere."""
-        xp = backend.get_array_module(y)
+    def on_grid(self, y, out):
+        """Fill ``out`` (O, N*GH*GW) with outputs ``y`` (N, O, OH, OW), zeros elsewhere."""
         n, o = y.shape[:2]
-        grid = xp.zeros((o, n, self.gh, self.gw), dtype=dtype or y.dtype)
-        grid[:, :, :self.oh, :self.ow] = y.transpose(1, 0, 2, 3)
-        return grid.reshape(o, self.size)
+        out.fill(0)
+        out.reshape(o, n, self.gh, self.gw)[:, :, :self.oh, :self.ow] = y.transpose(1, 0, 2, 3)
+        return out
 
     def crop(self, grid):
         """The outputs (N, O, OH, OW) of a flat output grid (O, N*GH*GW), as a fresh array."""
@@ -176,11 +181,54 @@ class TapGrid:
         return xp.ascontiguousarray(outputs.transpose(1, 0, 2, 3))
 
 
-def _phase_slice(size, pad, stride, phase, grid):
-    """Grid index i of one phase holds padded coordinate i*stride + phase, that is image
-    coordinate i*stride + phase - pad: the (grid, image) slices of the valid ones."""
+_scratch_buffers = threading.local()
+
+
+def scratch(xp, name, shape, dtype):
+    """An uninitialised array for a temporary that never leaves the op asking for it.
+
+    A large new NumPy array is mapped fresh from the operating system, which zeroes
+    each page on first touch: for the kh*kw-times expanded matrices of conv2d that
+    costs about as much as writing them.  So on NumPy each ``name`` keeps one buffer
+    (per thread), grown as needed and reused by the next call; arrays handed out
+    under one name share memory, so an op uses each name for one live array at a
+    time.  CuPy's memory pool already recycles device memory: there it is xp.empty.
+    """
+    if xp is not np:
+        return xp.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buffer = getattr(_scratch_buffers, name, None)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = np.empty(nbytes, dtype=np.uint8)
+        setattr(_scratch_buffers, name, buffer)
+    return buffer[:nbytes].view(dtype).reshape(shape)
+
+
+def _cell_length(size, kernel, stride, pad, out):
+    """Rows (or columns) per image cell of the flat phase grids: the fewest for which
+    no output reads another image's (or row's) pixels.
+
+    In phase a, image row r sits at cell row (r + pad) // stride, so its pixels fill
+    cell rows first..last; outputs 0..out-1 read cell rows 0..out-1+reach, reach
+    = (kernel-1-a) // stride.  Reads past the cell land in the next cell, which must
+    still be padding there: the cell must hold ``out + reach - first`` rows, and the
+    pixels themselves (``last + 1``).
+    """
+    length = out
+    for a in range(min(stride, kernel)):
+        reach = (kernel - 1 - a) // stride
+        rows = _phase_slice(size, pad, stride, a)
+        if rows is not None:
+            first, last = rows[0].start, rows[0].stop - 1
+            length = max(length, out + reach - first, last + 1)
+    return length
+
+
+def _phase_slice(size, pad, stride, phase):
+    """Cell index i of one phase holds padded coordinate i*stride + phase, that is image
+    coordinate i*stride + phase - pad: the (cell, image) slices of the valid ones."""
     first = max(0, -((phase - pad) // stride))          # ceil((pad - phase) / stride)
-    last = min(grid, (size - 1 + pad - phase) // stride + 1)
+    last = (size - 1 + pad - phase) // stride + 1
     if last <= first:
         return None
     start = first * stride + phase - pad

@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import Function
-from ._utils import TapGrid, col2im, expect_ndim, im2col, output_size, pair
+from ._utils import TapGrid, col2im, expect_ndim, im2col, output_size, pair, scratch
 
 
 class Conv2d(Function):
@@ -102,63 +102,83 @@ class Conv2d(Function):
 
     # -- NumPy: phase grids ---------------------------------------------------------
     def _forward_on_grid(self, x, w):
+        xp = backend.get_array_module(x)
         o, c = w.shape[:2]
         grid = TapGrid(x.shape, w.shape[2:], self.stride, self.padding)
+        size = grid.size
         dtype = np.result_type(x, w)
-        x_grids = grid.phases(x, dtype)                       # (phases, C, size)
+        x_grids = grid.phases(x, scratch(xp, "x_grids", (len(grid.phase_taps), c, grid.input_size), dtype))
         w_taps = _weight_taps(w, grid, dtype)                 # (O, C, taps)
-        y_grid = np.zeros((o, grid.size), dtype=dtype)
-        if (self.forward_expands or ("output" if o < c else "input")) == "output":
+        y_grid = scratch(xp, "y_grid", (o, size), dtype)
+        if (self.forward_expands or ("output" if o <= c else "input")) == "output":
+            first = True
             for f, taps in enumerate(grid.phase_taps):
-                z = (w_taps[:, :, taps].transpose(2, 0, 1).reshape(-1, c) @ x_grids[f])
-                z = z.reshape(-1, o, grid.size)               # (taps of phase f, O, size)
+                if taps.stop == taps.start:
+                    continue
+                w_f = w_taps[:, :, taps].transpose(2, 0, 1).reshape(-1, c)
+                z = scratch(xp, "expanded", (len(w_f), grid.input_size), dtype)
+                xp.matmul(w_f, x_grids[f], out=z)
+                z = z.reshape(-1, o, grid.input_size)         # (taps of phase f, O, input_size)
                 for t, offset in enumerate(grid.offsets[taps]):
-                    y_grid[:, :grid.span] += z[t, :, offset:offset + grid.span]
+                    if first:
+                        y_grid[...] = z[t, :, offset:offset + size]
+                        first = False
+                    else:
+                        y_grid += z[t, :, offset:offset + size]
         else:  # im2col
-            patches = _patches(x_grids, grid)                 # (taps*C, span)
+            patches = _patches(x_grids, grid)                 # (taps*C, size)
             w_mat = w_taps.transpose(0, 2, 1).reshape(o, -1)  # (O, taps*C)
-            np.matmul(w_mat, patches, out=y_grid[:, :grid.span])
+            xp.matmul(w_mat, patches, out=y_grid)
         return grid.crop(y_grid)
 
     def _backward_on_grid(self, x, w, gy, want_gx, want_gw):
+        xp = backend.get_array_module(gy)
         o, c = w.shape[:2]
         grid = TapGrid(x.shape, w.shape[2:], self.stride, self.padding)
+        phases, taps, size, input_size = len(grid.phase_taps), len(grid.taps), grid.size, grid.input_size
         dtype = np.result_type(x, w, gy)
-        x_grids = grid.phases(x, dtype) if want_gw else None
+        if want_gw:
+            x_grids = grid.phases(x, scratch(xp, "x_grids", (phases, c, input_size), dtype))
+            gw_taps = xp.empty((taps, o, c), dtype=dtype)
+        if want_gx:
+            gx_grids = scratch(xp, "gx_grids", (phases, c, input_size), dtype)
         w_taps = _weight_taps(w, grid, dtype)
-        gy_grid = grid.on_grid(gy, dtype)                     # (O, size)
-        gx_grids = np.zeros((len(grid.phase_taps), c, grid.size), dtype=dtype) if want_gx else None
-        gw_taps = np.empty((len(grid.taps), o, c), dtype=dtype) if want_gw else None
+        gy_grid = grid.on_grid(gy, scratch(xp, "y_grid", (o, size), dtype))
         cheaper = "gy" if o <= c * (2 if want_gx and want_gw else 1) else "x"
         if (self.backward_expands or cheaper) == "gy":
-            # Transposed convolution: gy shifted by each tap's offset, (taps, O, size).
-            gy_shifted = np.empty((len(grid.taps), o, grid.size), dtype=dtype)
+            # Transposed convolution: gy shifted by each tap's offset, (taps, O, input_size).
+            gy_shifted = scratch(xp, "expanded", (taps, o, input_size), dtype)
             for k, offset in enumerate(grid.offsets):
                 gy_shifted[k, :, :offset] = 0
-                gy_shifted[k, :, offset:] = gy_grid[:, :grid.size - offset]
-            for f, taps in enumerate(grid.phase_taps):
-                g = gy_shifted[taps].reshape(-1, grid.size)   # (taps of f * O, size)
+                gy_shifted[k, :, offset:offset + size] = gy_grid
+                gy_shifted[k, :, offset + size:] = 0
+            for f, phase_taps in enumerate(grid.phase_taps):
+                g = gy_shifted[phase_taps].reshape(-1, input_size)  # (taps of f * O, input_size)
+                if len(g) == 0:
+                    continue
                 if want_gw:
-                    gw_taps[taps] = (g @ x_grids[f].T).reshape(-1, o, c)
+                    gw_taps[phase_taps] = (g @ x_grids[f].T).reshape(-1, o, c)
                 if want_gx:
-                    w_f = w_taps[:, :, taps].transpose(1, 2, 0).reshape(c, -1)
-                    np.matmul(w_f, g, out=gx_grids[f])
+                    w_f = w_taps[:, :, phase_taps].transpose(1, 2, 0).reshape(c, -1)
+                    xp.matmul(w_f, g, out=gx_grids[f])
         else:
-            gy_span = gy_grid[:, :grid.span]
             if want_gw:
                 patches = _patches(x_grids, grid)
-                gw_taps[...] = (gy_span @ patches.T).reshape(o, -1, c).transpose(1, 0, 2)
-                del patches
+                gw_taps[...] = (gy_grid @ patches.T).reshape(o, -1, c).transpose(1, 0, 2)
+                del patches  # its buffer is reused just below
             if want_gx:  # col2im: each tap's patch gradient added back at its offset
                 w_mat = w_taps.transpose(0, 2, 1).reshape(o, -1)
-                patch_grads = (w_mat.T @ gy_span).reshape(-1, c, grid.span)
+                patch_grads = scratch(xp, "expanded", (taps * c, size), dtype)
+                xp.matmul(w_mat.T, gy_grid, out=patch_grads)
+                patch_grads = patch_grads.reshape(taps, c, size)
+                gx_grids.fill(0)
                 for k, (f, offset) in enumerate(zip(grid.tap_phase, grid.offsets)):
-                    gx_grids[f][:, offset:offset + grid.span] += patch_grads[k]
+                    gx_grids[f][:, offset:offset + size] += patch_grads[k]
         gx = gw = None
         if want_gx:
-            gx = grid.image_from_phases(gx_grids).astype(x.dtype, copy=False)
+            gx = grid.image_from_phases(gx_grids, x.dtype)
         if want_gw:
-            gw = np.zeros(w.shape, dtype=w.dtype)
+            gw = xp.zeros(w.shape, dtype=w.dtype)
             kys, kxs = zip(*grid.taps)
             gw[:, :, list(kys), list(kxs)] = gw_taps.transpose(1, 2, 0)
         return gx, gw
@@ -214,12 +234,13 @@ def _weight_taps(w, grid, dtype):
 
 
 def _patches(x_grids, grid):
-    """im2col on phase grids: (taps*C, span), row block k = the slice tap k reads."""
+    """im2col on phase grids: (taps*C, size), row block k = the slice tap k reads."""
+    xp = backend.get_array_module(x_grids)
     c = x_grids.shape[1]
-    patches = np.empty((len(grid.taps), c, grid.span), dtype=x_grids.dtype)
+    patches = scratch(xp, "expanded", (len(grid.taps), c, grid.size), x_grids.dtype)
     for k, (f, offset) in enumerate(zip(grid.tap_phase, grid.offsets)):
-        patches[k] = x_grids[f][:, offset:offset + grid.span]
-    return patches.reshape(-1, grid.span)
+        patches[k] = x_grids[f][:, offset:offset + grid.size]
+    return patches.reshape(-1, grid.size)
 
 
 class Linear(Function):
