@@ -144,8 +144,7 @@ class Conv2d(Function):
             gx_grids = scratch(xp, "gx_grids", (phases, c, input_size), dtype)
         w_taps = _weight_taps(w, grid, dtype)
         gy_grid = grid.on_grid(gy, scratch(xp, "y_grid", (o, size), dtype))
-        cheaper = "gy" if o <= c * (2 if want_gx and want_gw else 1) else "x"
-        if (self.backward_expands or cheaper) == "gy":
+        if (self.backward_expands or ("gy" if o <= c else "x")) == "gy":
             # Transposed convolution: gy shifted by each tap's offset, (taps, O, input_size).
             gy_shifted = scratch(xp, "expanded", (taps, o, input_size), dtype)
             for k, offset in enumerate(grid.offsets):
