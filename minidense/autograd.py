@@ -46,17 +46,24 @@ def is_grad_enabled() -> bool:
 
 
 class _GradMode(contextlib.ContextDecorator):
+    """Sets grad mode inside a ``with`` block or a decorated function, and restores it.
+
+    As a decorator, one object serves every call of the function, so a recursive call
+    enters it again before leaving: the modes to restore are kept on a stack.
+    """
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
+        self.modes_to_restore = []
 
     def __enter__(self):
         global _grad_enabled
-        self.previous = _grad_enabled
+        self.modes_to_restore.append(_grad_enabled)
         _grad_enabled = self.enabled
 
     def __exit__(self, *exc):
         global _grad_enabled
-        _grad_enabled = self.previous
+        _grad_enabled = self.modes_to_restore.pop()
         return False
 
 

@@ -110,6 +110,20 @@ def test_no_grad_as_context_and_decorator():
     assert (x * 2).grad_fn is not None  # grad mode restored
 
 
+def test_no_grad_decorator_restores_grad_mode_after_a_recursive_call():
+    # A decorated function that calls itself enters the same context twice; the inner
+    # exit must not overwrite what the outer one restores.
+    @md.no_grad()
+    def depth(n):
+        assert not md.is_grad_enabled()
+        return depth(n - 1) if n else 0
+
+    with md.enable_grad():  # restores grad mode for the other tests even if this one fails
+        depth(3)
+        assert md.is_grad_enabled()
+        assert (leaf([1.0]) * 2).grad_fn is not None
+
+
 def test_intermediate_activations_are_freed_when_no_backward_needs_them():
     """A node keeps edges, not input tensors: the output of a Mul by a constant is
     not kept alive by the next op when that op saves nothing (Add)."""
