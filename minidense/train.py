@@ -24,8 +24,6 @@ import csv
 import io
 import json
 import math
-import os
-import resource
 import signal
 import sys
 import threading
@@ -39,7 +37,7 @@ from minidense import backend, data, models, optim
 
 # The papers' recipes.  Both drop the learning rate by 10 at 50% and 75% of training:
 # DenseNet at epochs 150 and 225 of 300 (Huang et al., 2017, Sec. 4.2); ResNet at 32k and
-# 48k of 64k iterations (He et al., 2016, Sec. 4.2), which is 164 epochs of 391 batches
+# 48k of 64k iterations (He et al., 2016, Sec. 4.2), which is 164 epochs of 390 batches
 # of 128 on the 50k training images.
 RECIPES = {
     "densenet": dict(model="densenet_bc100_k12", epochs=300, batch_size=64, lr=0.1, momentum=0.9,
@@ -222,7 +220,12 @@ def evaluate_model(model, loader, num_classes=None):
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process (Linux reports kilobytes, macOS bytes)."""
+    """Peak resident memory of this process (Linux reports kilobytes, macOS bytes);
+    NaN where the ``resource`` module is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return math.nan
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
@@ -324,14 +327,6 @@ def plot_curves(history: list, path: Path, title: str) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    md.save(state, path)
-
-
-def load_checkpoint(path) -> dict:
-    return md.load(path)
-
-
 # ---------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------
@@ -386,186 +381,224 @@ def data_name_of(dataset) -> str:
     return dataset.name.split("/")[0].replace("imagefolder-", "")
 
 
+class TrainingRun:
+    """One run: its data, model, optimizer, schedule and output folder, its history,
+    and (after ``restore``) the point it continues from."""
+
+    def __init__(self, settings: dict, log=print, normalization=None):
+        self.settings = settings = dict(settings)
+        self.log = log
+        self.device = choose_device(settings["device"])
+        train_set, test_set = data.open_datasets(settings["data"], log=log,
+                                                 workers=settings["workers"] or None)
+        settings["data_used"] = train_set.source
+        if train_set.name.startswith("digits") and not settings["epochs_given"]:
+            settings["epochs"] = DEMO_EPOCHS
+        if settings["subset"]:
+            train_set = train_set.subset(settings["subset"])
+        if settings["test_subset"]:
+            test_set = test_set.subset(settings["test_subset"])
+        self.train_set, self.test_set = train_set, test_set
+        self.data_name = data_name_of(train_set)
+        self.mean, self.std = normalization or data.channel_mean_std(train_set.images)
+
+        self.seed = settings["seed"]
+        md.manual_seed(self.seed)
+        self.model = build_model(settings, train_set.num_classes).to(self.device)
+        self.optimizer = build_optimizer(settings, self.model.parameters())
+        self.train_loader = data.DataLoader(
+            train_set, settings["batch_size"], shuffle=True, drop_last=True,
+            augment=settings["augment"], mean=self.mean, std=self.std, device=self.device,
+            seed=self.seed)
+        self.test_loader = data.DataLoader(test_set, max(settings["batch_size"], 256),
+                                           mean=self.mean, std=self.std, device=self.device)
+        self.steps_per_epoch = len(self.train_loader)
+        self.scheduler = build_scheduler(settings, self.optimizer, self.steps_per_epoch)
+        self.epochs = settings["epochs"]
+        self.out = Path(settings["out"]) if settings["out"] else default_out(settings, self.data_name)
+        self.out.mkdir(parents=True, exist_ok=True)
+        settings["out"] = str(self.out)
+
+        self.history, self.best_acc, self.best_epoch = [], -1.0, 0
+        # Where the run continues: epoch, batch, and the epoch's sums so far.
+        self.start_epoch, self.start_step = 0, 0
+        self.partial = dict(loss_sum=0.0, correct=0, seen=0, train_time=0.0)
+
+    # -- checkpoints -----------------------------------------------------------
+    def state(self, epoch, step, sums=None, train_time=0.0) -> dict:
+        """Everything needed to continue from batch ``step`` of epoch ``epoch``."""
+        loss_sum, correct, seen = ((float(sums.loss_sum), int(sums.correct), sums.seen)
+                                   if sums is not None else (0.0, 0, 0))
+        keys = list(self.history[0]) if self.history else []
+        return {
+            "model": dict(self.model.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            # The generators of the data order, augmentation and dropout are seeded
+            # from (seed, epoch, step): the position is their whole state.
+            "progress": {"epoch": epoch, "step": step, "seed": self.seed, "loss_sum": loss_sum,
+                         "correct": correct, "seen": seen, "train_time": train_time},
+            "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+            "history": {k: np.array([np.nan if row[k] is None else row[k] for row in self.history],
+                                    dtype=np.float64) for k in keys},
+            "normalization": {"mean": np.asarray(self.mean, np.float64),
+                              "std": np.asarray(self.std, np.float64)},
+            "settings": dict(self.settings),
+            "classes": list(self.train_set.classes),
+        }
+
+    def restore(self, checkpoint: dict) -> None:
+        if checkpoint["classes"] != self.train_set.classes:
+            raise SystemExit(f"--resume: the checkpoint was trained on classes "
+                             f"{checkpoint['classes']}, the data has {self.train_set.classes}")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        progress = checkpoint["progress"]
+        self.start_epoch, self.start_step = int(progress["epoch"]), int(progress["step"])
+        self.partial = {k: progress[k] for k in ("loss_sum", "correct", "seen", "train_time")}
+        self.best_acc, self.best_epoch = float(checkpoint["best_acc"]), int(checkpoint["best_epoch"])
+        saved = checkpoint["history"]
+        count = len(next(iter(saved.values()))) if saved else 0
+        self.history = [{k: _history_value(k, saved[k][i]) for k in saved} for i in range(count)]
+        write_metrics(self.out, self.history)
+        self.log(f"resuming {self.out} at epoch {self.start_epoch + 1}, batch "
+                 f"{self.start_step + 1} of {self.steps_per_epoch}")
+
+    def save(self, state: dict, best: bool = False) -> None:
+        md.save(state, self.out / "last.npz")
+        if best:
+            md.save(state, self.out / "best.npz")
+
+    # -- training --------------------------------------------------------------
+    def train_epoch(self, epoch, interrupt, on_step=None):
+        """Train one epoch (from ``start_step`` when resuming into it).  Returns the
+        running sums and the training time, or None when Ctrl-C stopped it (after
+        saving a checkpoint)."""
+        resumed = epoch == self.start_epoch and (self.start_step or self.partial["seen"])
+        first_step = self.start_step if resumed else 0
+        xp = backend.array_module(self.device)
+        sums = RunningSums(xp, **{k: self.partial[k] for k in ("loss_sum", "correct", "seen")}) \
+            if resumed else RunningSums(xp)
+        time_before = float(self.partial["train_time"]) if resumed else 0.0
+        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
+        bar = EpochProgress(epoch, self.epochs, self.steps_per_epoch, first_step)
+        model.train()
+        start, last_shown, seen_here, step = time.perf_counter(), 0.0, 0, first_step
+        with contextlib.closing(self.train_loader.iterate(epoch, first_step)) as batches:
+            for images, labels in batches:
+                md.manual_seed(step_seed(self.seed, epoch, step))   # dropout masks
+                logits = model(images)
+                loss = md.cross_entropy(logits, labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                sums.add(loss, logits, labels)
+                del logits, loss
+                step += 1
+                seen_here += labels.shape[0]
+                if on_step is not None:
+                    on_step(epoch, step)
+                now = time.perf_counter()
+                if now - last_shown > 0.5 or step == self.steps_per_epoch:
+                    last_shown = now
+                    bar.update(step, sums.values(), seen_here / (now - start))
+                if interrupt.requested and step < self.steps_per_epoch:
+                    bar.close()
+                    self.save(self.state(epoch, step, sums, time_before + now - start))
+                    self.log(f"checkpoint saved: {self.out / 'last.npz'} (epoch {epoch + 1}, "
+                             f"batch {step}); continue with: python -m minidense.train --resume "
+                             f"--out {self.out}")
+                    return None
+        bar.close()
+        return sums, time_before + time.perf_counter() - start
+
+    def finish_epoch(self, epoch, sums, train_time) -> dict:
+        """Test (when due), record the epoch's metrics, save the checkpoints and files."""
+        train_loss, train_acc, seen = sums.values()
+        test_loss = test_acc = None
+        eval_start = time.perf_counter()
+        if epoch + 1 == self.epochs or (epoch + 1) % self.settings["eval_every"] == 0:
+            test_loss, test_acc, _ = evaluate_model(self.model, self.test_loader)
+            if test_acc > self.best_acc:
+                self.best_acc, self.best_epoch = test_acc, epoch + 1
+        eval_time = time.perf_counter() - eval_start
+        elapsed = (self.history[-1]["elapsed_s"] if self.history else 0.0) + train_time + eval_time
+        row = {
+            "epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss, "train_acc": train_acc,
+            "test_loss": test_loss, "test_acc": test_acc, "best_acc": self.best_acc,
+            "train_time_s": train_time, "eval_time_s": eval_time, "elapsed_s": elapsed,
+            "images_per_s": seen / train_time, "peak_memory_mb": peak_memory_mb(),
+        }
+        self.history.append(row)
+        self.save(self.state(epoch + 1, 0), best=self.best_epoch == epoch + 1)
+        write_metrics(self.out, self.history)
+        return row
+
+    def run(self, on_step=None) -> dict:
+        """Train from where the run stands to its last epoch, or until --stop-after or
+        Ctrl-C.  Returns {"status": "done" | "stopped" | "interrupted", "history", "out"}."""
+        s = self.settings
+        self.log(f"model: {s['model']} ({self.model.num_parameters():,} parameters) on "
+                 f"{self.device}; data: {self.train_set.name} ({len(self.train_set)} images) / "
+                 f"{self.test_set.name} ({len(self.test_set)}); {self.epochs} epochs of "
+                 f"{self.steps_per_epoch} batches of {s['batch_size']}; {s['optimizer']} lr "
+                 f"{s['lr']} ({s['schedule']}"
+                 f"{', warm-up %g epochs' % s['warmup'] if s['warmup'] else ''}), wd {s['wd']}; "
+                 f"output: {self.out}")
+        session_start = time.perf_counter()
+        resume_hint = f"continue with: python -m minidense.train --resume --out {self.out}"
+        with InterruptRequest(self.log) as interrupt:
+            for epoch in range(self.start_epoch, self.epochs):
+                trained = self.train_epoch(epoch, interrupt, on_step)
+                if trained is None:
+                    return self.result("interrupted")
+                row = self.finish_epoch(epoch, *trained)
+                left = ((time.perf_counter() - session_start) / (epoch + 1 - self.start_epoch)
+                        * (self.epochs - epoch - 1))
+                self.log(self.epoch_line(row) + (f", about {format_duration(left)} left"
+                                                 if epoch + 1 < self.epochs else ""))
+                if epoch + 1 == self.epochs:
+                    break
+                if interrupt.requested:
+                    self.log(f"checkpoint saved: {self.out / 'last.npz'} (after epoch "
+                             f"{epoch + 1}); {resume_hint}")
+                    return self.result("interrupted")
+                if s["stop_after"] and epoch + 1 >= s["stop_after"]:
+                    self.log(f"stopped after epoch {epoch + 1} (--stop-after); {resume_hint}")
+                    return self.result("stopped")
+        summarize(self.history, self.out, s, self.data_name, self.best_epoch, self.log)
+        return self.result("done")
+
+    def epoch_line(self, row) -> str:
+        tested = (f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}% "
+                  f"(best {self.best_acc:.2f}%)" if row["test_acc"] is not None else "not tested")
+        return (f"epoch {row['epoch']}/{self.epochs}: train loss {row['train_loss']:.4f} acc "
+                f"{row['train_acc']:.2f}% | {tested} | lr {row['lr']:.4g} | "
+                f"{row['images_per_s']:.0f} img/s | "
+                f"{format_duration(row['train_time_s'] + row['eval_time_s'])}")
+
+    def result(self, status) -> dict:
+        return {"status": status, "history": self.history, "out": self.out}
+
+
 def train(settings: dict, checkpoint: dict | None = None, log=print, on_step=None) -> dict:
     """Train (or, with ``checkpoint``, resume) the run described by ``settings`` (see
     ``resolve_args``).  ``on_step(epoch, step)`` is called after every training step.
     Returns {"status": "done" | "stopped" | "interrupted", "history": [...], "out": Path}."""
+    if checkpoint is None:
+        return TrainingRun(settings, log).run(on_step)
     settings = dict(settings)
-    device = choose_device(settings["device"])
-    source = settings["data"]
-    if checkpoint is not None and source is None:
-        source = settings.get("data_used")   # the source the run started on, found again
-    train_set, test_set = data.open_datasets(source, log=log, workers=settings["workers"] or None)
-    settings["data_used"] = train_set.source
-    if checkpoint is None and train_set.name.startswith("digits") and not settings["epochs_given"]:
-        settings["epochs"] = DEMO_EPOCHS
-    if settings["subset"]:
-        train_set = train_set.subset(settings["subset"])
-    if settings["test_subset"]:
-        test_set = test_set.subset(settings["test_subset"])
-    data_name = data_name_of(train_set)
-    if checkpoint is not None:
-        mean = np.asarray(checkpoint["normalization"]["mean"])
-        std = np.asarray(checkpoint["normalization"]["std"])
-        if checkpoint["classes"] != train_set.classes:
-            raise SystemExit(f"--resume: the checkpoint was trained on classes "
-                             f"{checkpoint['classes']}, the data has {train_set.classes}")
-    else:
-        mean, std = data.channel_mean_std(train_set.images)
-
-    seed = settings["seed"]
-    md.manual_seed(seed)
-    model = build_model(settings, train_set.num_classes).to(device)
-    optimizer = build_optimizer(settings, model.parameters())
-    train_loader = data.DataLoader(train_set, settings["batch_size"], shuffle=True, drop_last=True,
-                                   augment=settings["augment"], mean=mean, std=std, device=device,
-                                   seed=seed)
-    test_loader = data.DataLoader(test_set, max(settings["batch_size"], 256), mean=mean, std=std,
-                                  device=device)
-    steps_per_epoch = len(train_loader)
-    scheduler = build_scheduler(settings, optimizer, steps_per_epoch)
-    epochs = settings["epochs"]
-
-    out = Path(settings["out"]) if settings["out"] else default_out(settings, data_name)
-    out.mkdir(parents=True, exist_ok=True)
-    settings["out"] = str(out)
-
-    history, best_acc, best_epoch = [], -1.0, 0
-    start_epoch, start_step, partial = 0, 0, {}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        progress = checkpoint["progress"]
-        start_epoch, start_step = int(progress["epoch"]), int(progress["step"])
-        partial = {k: progress[k] for k in ("loss_sum", "correct", "seen", "train_time")}
-        best_acc, best_epoch = float(checkpoint["best_acc"]), int(checkpoint["best_epoch"])
-        saved = checkpoint["history"]
-        names = list(saved)
-        history = [{k: _history_value(k, saved[k][i]) for k in names}
-                   for i in range(len(saved[names[0]]) if names else 0)]
-        write_metrics(out, history)
-        log(f"resuming {out} at epoch {start_epoch + 1}, batch {start_step + 1} of {steps_per_epoch}")
-
-    log(f"model: {settings['model']} ({model.num_parameters():,} parameters) on {device}; "
-        f"data: {train_set.name} ({len(train_set)} images) / {test_set.name} ({len(test_set)}); "
-        f"{epochs} epochs of {steps_per_epoch} batches of {settings['batch_size']}; "
-        f"{settings['optimizer']} lr {settings['lr']} ({settings['schedule']}"
-        f"{', warm-up %g epochs' % settings['warmup'] if settings['warmup'] else ''}), "
-        f"wd {settings['wd']}; output: {out}")
-
-    def state(epoch, step, sums=None, train_time=0.0):
-        """Everything needed to continue from epoch ``epoch``, batch ``step``."""
-        loss_sum, correct, seen = ((float(sums.loss_sum), int(sums.correct), sums.seen)
-                                   if sums is not None else (0.0, 0, 0))
-        keys = list(history[0]) if history else []
-        return {
-            "model": dict(model.state_dict()),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            # The generators of the data order, augmentation and dropout are seeded
-            # from (seed, epoch, step): the position is their whole state.
-            "progress": {"epoch": epoch, "step": step, "seed": seed, "loss_sum": loss_sum,
-                         "correct": correct, "seen": seen, "train_time": train_time},
-            "best_acc": best_acc, "best_epoch": best_epoch,
-            "history": {k: np.array([np.nan if row[k] is None else row[k] for row in history],
-                                    dtype=np.float64) for k in keys},
-            "normalization": {"mean": np.asarray(mean, np.float64), "std": np.asarray(std, np.float64)},
-            "settings": dict(settings),
-            "classes": list(train_set.classes),
-        }
-
-    xp = backend.array_module(device)
-    session_start = time.perf_counter()
-    status = "done"
-    with InterruptRequest(log) as interrupt:
-        for epoch in range(start_epoch, epochs):
-            resumed_here = epoch == start_epoch and (start_step or partial.get("seen"))
-            first_step = start_step if epoch == start_epoch else 0
-            sums = (RunningSums(xp, partial["loss_sum"], partial["correct"], partial["seen"])
-                    if resumed_here else RunningSums(xp))
-            time_before = float(partial["train_time"]) if resumed_here else 0.0
-            bar = EpochProgress(epoch, epochs, steps_per_epoch, first_step)
-            model.train()
-            epoch_start, session_seen = time.perf_counter(), 0
-            last_shown = 0.0
-            step = first_step
-            with contextlib.closing(train_loader.iterate(epoch, first_step)) as batches:
-                for images, labels in batches:
-                    md.manual_seed(step_seed(seed, epoch, step))
-                    logits = model(images)
-                    loss = md.cross_entropy(logits, labels)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    sums.add(loss, logits, labels)
-                    del logits, loss
-                    step += 1
-                    session_seen += labels.shape[0]
-                    if on_step is not None:
-                        on_step(epoch, step)
-                    now = time.perf_counter()
-                    if now - last_shown > 0.5 or step == steps_per_epoch:
-                        last_shown = now
-                        bar.update(step, sums.values(), session_seen / (now - epoch_start))
-                    if interrupt.requested and step < steps_per_epoch:
-                        bar.close()
-                        save_checkpoint(out / "last.npz", state(epoch, step, sums,
-                                                                time_before + now - epoch_start))
-                        log(f"checkpoint saved: {out / 'last.npz'} (epoch {epoch + 1}, batch {step}); "
-                            f"continue with: python -m minidense.train --resume --out {out}")
-                        return {"status": "interrupted", "history": history, "out": out}
-            bar.close()
-            train_time = time_before + time.perf_counter() - epoch_start
-            train_loss, train_acc, seen = sums.values()
-
-            last_epoch = epoch + 1 == epochs
-            test_loss = test_acc = None
-            eval_start = time.perf_counter()
-            if last_epoch or (epoch + 1) % settings["eval_every"] == 0:
-                test_loss, test_acc, _ = evaluate_model(model, test_loader)
-                if test_acc > best_acc:
-                    best_acc, best_epoch = test_acc, epoch + 1
-            eval_time = time.perf_counter() - eval_start
-            elapsed = (history[-1]["elapsed_s"] if history else 0.0) + train_time + eval_time
-            history.append({
-                "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": train_loss, "train_acc": train_acc,
-                "test_loss": test_loss, "test_acc": test_acc, "best_acc": best_acc,
-                "train_time_s": train_time, "eval_time_s": eval_time, "elapsed_s": elapsed,
-                "images_per_s": seen / train_time, "peak_memory_mb": peak_memory_mb(),
-            })
-            checkpoint_state = state(epoch + 1, 0)
-            save_checkpoint(out / "last.npz", checkpoint_state)
-            if best_epoch == epoch + 1:
-                save_checkpoint(out / "best.npz", checkpoint_state)
-            write_metrics(out, history)
-
-            session_time = time.perf_counter() - session_start
-            done_here = epoch + 1 - start_epoch
-            left = session_time / done_here * (epochs - epoch - 1)
-            tested = (f"test loss {test_loss:.4f} acc {test_acc:.2f}% (best {best_acc:.2f}%)"
-                      if test_acc is not None else "not tested")
-            log(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f} acc {train_acc:.2f}% | "
-                f"{tested} | lr {optimizer.param_groups[0]['lr']:.4g} | "
-                f"{seen / train_time:.0f} img/s | {format_duration(train_time + eval_time)}"
-                + (f", about {format_duration(left)} left" if epoch + 1 < epochs else ""))
-
-            if interrupt.requested and epoch + 1 < epochs:
-                log(f"checkpoint saved: {out / 'last.npz'} (after epoch {epoch + 1}); "
-                    f"continue with: python -m minidense.train --resume --out {out}")
-                return {"status": "interrupted", "history": history, "out": out}
-            if settings["stop_after"] and epoch + 1 >= settings["stop_after"] and epoch + 1 < epochs:
-                log(f"stopped after epoch {epoch + 1} (--stop-after); continue with: "
-                    f"python -m minidense.train --resume --out {out}")
-                status = "stopped"
-                break
-
-    if status == "done":
-        summarize(history, out, settings, data_name, best_epoch, log)
-    return {"status": status, "history": history, "out": out}
+    if settings["data"] is None:
+        settings["data"] = settings.get("data_used")   # the source the run started on
+    normalization = checkpoint["normalization"]
+    run = TrainingRun(dict(settings, epochs_given=True), log,
+                      (np.asarray(normalization["mean"]), np.asarray(normalization["std"])))
+    run.restore(checkpoint)
+    return run.run(on_step)
 
 
 def _history_value(key, value):
@@ -650,7 +683,7 @@ def main(argv=None) -> int:
     try:
         if args.resume:
             path = find_checkpoint(args.resume, args.out, args.model or DEFAULTS["model"])
-            checkpoint = load_checkpoint(path)
+            checkpoint = md.load(path)
             settings = resume_settings(checkpoint["settings"], given, path)
         else:
             settings = resolve_args(args)
@@ -659,7 +692,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; no checkpoint written for this batch", file=sys.stderr)
+        print("\ninterrupted without saving; last.npz holds the last completed epoch "
+              "(or the last Ctrl-C save)", file=sys.stderr)
         return 130
     return 130 if result["status"] == "interrupted" else 0
 
