@@ -391,38 +391,48 @@ def run_backward(root: Tensor, grad=None, retain_graph: bool = False) -> None:
     heapq.heappush(heap, (-root_node.generation, root_node))
     while heap:
         _, node = heapq.heappop(heap)
-        gys = pending.pop(node)
-        if node.saved is None:
-            raise RuntimeError(f"backward: {type(node).__name__} was already backpropagated and its "
-                               f"saved arrays freed; pass retain_graph=True to the first backward "
-                               f"to go through the graph twice")
-        for i, ref in enumerate(node.outputs):  # retain_grad on non-leaf outputs
-            out = ref()
-            if out is not None and out._retain_grad and gys[i] is not None:
-                _accumulate_into_leaf(out, gys[i])
-        if not node.accepts_none_grads:
-            gys = [g if g is not None else xp.zeros(shape, dtype)
-                   for g, (shape, dtype) in zip(gys, node.output_meta)]
-        gxs = node.backward(*gys)
-        del gys
-        if not isinstance(gxs, tuple):
-            gxs = (gxs,)
-        if len(gxs) != len(node.next_edges):
-            raise RuntimeError(f"{type(node).__name__}.backward returned {len(gxs)} gradients for "
-                               f"{len(node.next_edges)} inputs")
-        if not retain_graph:
-            node.release()
-        for edge, gx in zip(node.next_edges, gxs):
-            if edge is None or gx is None:
-                continue
-            target, index = edge
-            if isinstance(target, Tensor):
-                _accumulate_into_leaf(target, gx)
-            else:
-                slots = pending.get(target)
-                if slots is None:
-                    slots = pending[target] = [None] * len(target.output_meta)
-                    heapq.heappush(heap, (-target.generation, target))
-                slots[index] = _accumulate(slots[index], gx)
-        del gxs
+        # One expression, no local names: the gradients of the node's outputs and those
+        # it computes for its inputs are freed as soon as they have been passed on.
+        _pass_on(node, _call_backward(node, pending.pop(node), xp, retain_graph), pending, heap)
 
+
+def _call_backward(node: Function, grad_outputs, xp, retain_graph: bool):
+    """Run ``node.backward`` on the gradients of its outputs; one gradient per input."""
+    if node.saved is None:
+        raise RuntimeError(f"backward: {type(node).__name__} was already backpropagated and its "
+                           f"saved arrays freed; pass retain_graph=True to the first backward "
+                           f"to go through the graph twice")
+    for ref, grad in zip(node.outputs, grad_outputs):  # retain_grad on non-leaf outputs
+        output = ref()
+        if output is not None and output._retain_grad and grad is not None:
+            _accumulate_into_leaf(output, grad)
+    if not node.accepts_none_grads:
+        grad_outputs = [g if g is not None else xp.zeros(shape, dtype)
+                        for g, (shape, dtype) in zip(grad_outputs, node.output_meta)]
+    grad_inputs = node.backward(*grad_outputs)
+    if not isinstance(grad_inputs, tuple):
+        grad_inputs = (grad_inputs,)
+    if len(grad_inputs) != len(node.next_edges):
+        raise RuntimeError(f"{type(node).__name__}.backward returned {len(grad_inputs)} gradients "
+                           f"for {len(node.next_edges)} inputs")
+    if not retain_graph:
+        node.release()
+    return grad_inputs
+
+
+def _pass_on(node: Function, grad_inputs, pending, heap) -> None:
+    """Send each input gradient along its edge: into a leaf's ``.grad``, or into the
+    producing node's slot in ``pending`` (summed with what has already arrived there),
+    queueing that node when its first gradient arrives."""
+    for edge, grad in zip(node.next_edges, grad_inputs):
+        if edge is None or grad is None:
+            continue
+        target, index = edge
+        if isinstance(target, Tensor):
+            _accumulate_into_leaf(target, grad)
+        else:
+            slots = pending.get(target)
+            if slots is None:
+                slots = pending[target] = [None] * len(target.output_meta)
+                heapq.heappush(heap, (-target.generation, target))
+            slots[index] = _accumulate(slots[index], grad)

@@ -1,6 +1,7 @@
 """The autograd engine: order, accumulation, memory, dtype rule and clear errors."""
 import gc
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -127,7 +128,6 @@ def test_no_grad_decorator_restores_grad_mode_after_a_recursive_call():
 def test_intermediate_activations_are_freed_when_no_backward_needs_them():
     """A node keeps edges, not input tensors: the output of a Mul by a constant is
     not kept alive by the next op when that op saves nothing (Add)."""
-    import weakref
     x = leaf(np.ones(3))
     h = x * 2.0
     ref = weakref.ref(h)
@@ -137,6 +137,49 @@ def test_intermediate_activations_are_freed_when_no_backward_needs_them():
     assert ref() is None
     y.sum().backward()
     np.testing.assert_allclose(x.grad.numpy(), [2.0] * 3)
+
+
+class _RecordSentGradients(Function):
+    """a + b whose backward sends fresh gradients to both inputs and remembers them
+    by weak reference."""
+
+    def __init__(self, sent):
+        self.sent = sent
+
+    def forward(self, a, b):
+        return a + b
+
+    def backward(self, gy):
+        ga, gb = gy * 1.0, gy * 2.0
+        self.sent += [weakref.ref(gy), weakref.ref(ga), weakref.ref(gb)]
+        return ga, gb
+
+
+class _CheckReleased(Function):
+    """The identity, whose backward records which remembered gradients are still alive."""
+
+    def __init__(self, sent, alive):
+        self.sent, self.alive = sent, alive
+
+    def forward(self, x):
+        return x.copy()
+
+    def backward(self, gy):
+        self.alive += [ref() is not None for ref in self.sent]
+        return gy * 1.0
+
+
+def test_an_intermediate_gradient_is_released_as_soon_as_it_has_been_used():
+    """Once a node's gradients have been summed into its producer's slot, nothing in the
+    engine may keep them: by the time the producer runs, only the sum is alive."""
+    sent, alive = [], []
+    x = leaf(np.ones(4))
+    h = _CheckReleased(sent, alive)(x)
+    z = _RecordSentGradients(sent)(h, h)  # both gradients go to h's producer
+    z.sum().backward()
+    assert len(alive) == 3
+    assert not any(alive), f"gradients still alive when the producer ran: {alive}"
+    np.testing.assert_allclose(x.grad.numpy(), [3.0] * 4)
 
 
 def _count_graph_objects():
