@@ -375,7 +375,9 @@ def run_backward(root: Tensor, grad=None, retain_graph: bool = False) -> None:
                                f"got shape {root.shape}; pass backward(grad) with that shape")
         grad = xp.ones(root.shape, dtype=root.dtype)
     else:
-        grad = _as_array(grad, None, root.device)
+        # In the tensor's dtype (as PyTorch does): a float64 gradient for a float32 loss
+        # would otherwise turn the whole backward pass into float64.
+        grad = _as_array(grad, root.dtype, root.device)
         if grad.shape != root.shape:
             raise RuntimeError(f"backward: grad has shape {grad.shape} but the tensor has shape "
                                f"{root.shape}")

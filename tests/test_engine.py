@@ -182,6 +182,23 @@ def test_an_intermediate_gradient_is_released_as_soon_as_it_has_been_used():
     np.testing.assert_allclose(x.grad.numpy(), [3.0] * 4)
 
 
+def test_the_upstream_gradient_takes_the_dtype_of_the_tensor():
+    x = md.tensor(np.ones(3, dtype=np.float32), requires_grad=True, device=TEST_DEVICE)
+    seen = []
+
+    class Spy(Function):
+        def forward(self, x):
+            return x * 2
+
+        def backward(self, gy):
+            seen.append(gy.dtype)
+            return gy * 2
+
+    Spy()(x).backward(np.ones(3, dtype=np.float64))
+    assert seen == [np.float32]
+    assert x.grad.dtype == np.float32
+
+
 def _count_graph_objects():
     gc.collect()
     return sum(isinstance(o, (md.Tensor, Function)) for o in gc.get_objects())
