@@ -96,8 +96,8 @@ def _as_array(data, dtype, device):
         data = data.data
     if isinstance(data, np.generic):  # a NumPy scalar (from a full reduction) keeps its dtype
         data = np.asarray(data)
-    if backend.is_array(data):
-        array = backend.to_device(data, device or backend.device_of(data))
+    if backend.is_array(data):  # every op output comes here: no device check when none is asked
+        array = data if device is None else backend.to_device(data, device)
         return array if dtype is None else array.astype(dtype, copy=False)
     xp = backend.array_module(device or "cpu")
     if dtype is None:
@@ -261,7 +261,9 @@ def as_tensor(value, like: Tensor | None = None) -> Tensor:
         xp = backend.get_array_module(like.data)
         probe = np.asarray(value)
         dtype = like.dtype if (probe.dtype.kind != "f" or _is_float(like.dtype)) else DEFAULT_FLOAT
-        return Tensor(xp.asarray(value, dtype=dtype))
+        if probe.ndim == 0:  # x * 0.5: a fill on the device, not a host-to-device copy
+            return Tensor(xp.full((), value, dtype=dtype))
+        return Tensor(xp.asarray(probe, dtype=dtype))
     return Tensor(value)
 
 
