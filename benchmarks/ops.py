@@ -320,14 +320,20 @@ def main(argv=None):
     print(f"float32; median of {repeats} interleaved calls after {warmup} warm-up; ratio = minidense / torch\n")
 
     cases = [c for c in CASES if args.only is None or args.only in c[0]]
+    load_before = os.getloadavg()
     results = []
     for case in cases:
         results.append(run_case(case, frameworks, repeats, warmup))
+    load_after = os.getloadavg()
     print_table(results, torch is not None)
+    print(f"\nload average (1 min) {load_before[0]:.2f} before the run, {load_after[0]:.2f} after, on "
+          f"{os.cpu_count()} CPUs (a load before the run near the CPU count means other programs "
+          f"competed for the cores: rerun when quiet)")
 
     payload = {"benchmark": "benchmarks/ops.py",
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": machine, "settings": {"repeats": repeats, "warmup": warmup, "dtype": "float32"},
+               "load_average_1min": {"before": load_before[0], "after": load_after[0]},
                "results": results}
     path = args.json or RESULTS_DIR / f"ops-{args.device}.json"
     write_json_atomically(path, payload)
