@@ -154,3 +154,82 @@ def test_concat_relu_against_torch(data):
     b = data.draw(arrays((2, 1, 2, 2), margin=0.01))
     _compare(lambda a, b: md.relu(md.concat([a, b], axis=1)),
              lambda a, b: torch.relu(torch.cat([a, b], dim=1)), [a, b])
+
+
+# -- the CuPy im2col / col2im kernels, run on the CPU -----------------------------------
+def _kernel_body_as_python(body, inputs, output):
+    """Translate a kernel body of ``backend._CUDA_KERNELS`` into a Python function
+    ``element(i, *inputs)`` returning the output element i.  The bodies use a small C
+    subset: ``int``/``T`` declarations, ``for`` loops, ``if (...) continue;``, one
+    ternary, and ``/`` and ``%`` on non-negative ints (where C and Python agree)."""
+    import re
+    code, depth = [f"def element(i, {', '.join(inputs)}):"], 1
+    for line in (raw.strip() for raw in body.strip().splitlines()):
+        if line == "}":
+            depth -= 1
+            continue
+        loop = re.fullmatch(r"for \(int (\w+) = (\w+); \1 < (\w+); \+\+\1\) \{", line)
+        if loop:
+            code.append("    " * depth + f"for {loop[1]} in range({loop[2]}, {loop[3]}):")
+            depth += 1
+            continue
+        line = re.sub(r"^(int|T) ", "", line.rstrip(";")).replace("(T)", "")
+        line = line.replace("/=", "//=").replace(" / ", " // ").replace("&&", "and").replace("||", "or")
+        line = re.sub(r"^if \((.*)\) continue$", r"if \1: continue", line)
+        ternary = re.fullmatch(r"(\w+) = (.*) \? (.*) : (.*)", line)
+        if ternary:
+            line = f"{ternary[1]} = ({ternary[3]}) if ({ternary[2]}) else ({ternary[4]})"
+        code.append("    " * depth + line)
+    code.append(f"    return {output}")
+    namespace = {}
+    exec("\n".join(code), namespace)
+    return namespace["element"]
+
+
+class _EmulatedElementwiseKernel:
+    """What ``cupy.ElementwiseKernel`` does with one of minidense's kernels: arguments bound
+    by position to the declared parameters (raw arrays as flat arrays, int32 scalars as
+    ints), then the body once for each element i of the output."""
+
+    def __init__(self, name):
+        in_params, out_params, body = md.backend._CUDA_KERNELS[name]
+        self.inputs = [p.split() for p in in_params.split(",")]
+        self.element = _kernel_body_as_python(body, [p[-1] for p in self.inputs], out_params.split()[-1])
+
+    def __call__(self, *args):
+        *inputs, out = args
+        assert len(inputs) == len(self.inputs)
+        bound = []
+        for declared, value in zip(self.inputs, inputs):
+            if declared[0] == "raw":
+                assert value.flags.c_contiguous  # raw arrays are indexed flat
+                bound.append(value.reshape(-1))
+            else:
+                assert declared[0] == "int32" and isinstance(value, int), (declared, value)
+                bound.append(value)
+        flat = out.reshape(-1)
+        for i in range(out.size):
+            flat[i] = self.element(i, *bound)
+        return out
+
+
+@given(case=conv_cases(max_batch=2, max_channels=2, max_side=6))
+def test_cuda_im2col_and_col2im_kernels_match_the_numpy_layout(case):
+    """The CuPy branch of im2col and col2im, with CuPy swapped for NumPy and each kernel
+    body run element by element, gives NumPy's (N, C, KH, KW, OH, OW) patches and their
+    adjoint; this checks the index arithmetic and the argument order of the calls."""
+    from types import SimpleNamespace
+    from minidense import backend
+    from minidense.functions._utils import col2im, im2col
+    kernel = case.w.shape[2:]
+    expected_col = im2col(case.x, kernel, case.stride, case.padding)
+    grad_col = np.random.default_rng(0).standard_normal(expected_col.shape)
+    expected_image = col2im(grad_col, case.x.shape, case.stride, case.padding)
+    fake_cupy = SimpleNamespace(empty=np.empty, ascontiguousarray=np.ascontiguousarray)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backend, "get_array_module", lambda array: fake_cupy)
+        patch.setattr(backend, "cuda_kernel", _EmulatedElementwiseKernel)
+        col = im2col(case.x, kernel, case.stride, case.padding)
+        image = col2im(grad_col, case.x.shape, case.stride, case.padding)
+    np.testing.assert_array_equal(col, expected_col)
+    np.testing.assert_allclose(image, expected_image, rtol=1e-12, atol=1e-12)
