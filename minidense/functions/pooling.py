@@ -89,13 +89,15 @@ class MaxPool2d(_Pool2d):
         xp = backend.get_array_module(gy)
         n, c, oh, ow = gy.shape
         kh, kw = self.kernel
+        # Each output's gradient goes to the argmax of its window: a one-hot mask over the
+        # window positions times gy.  (A comparison and a product: faster on NumPy than
+        # put_along_axis, and on CuPy they need no recent version and no scatter.)
+        positions = xp.arange(kh * kw, dtype=index.dtype)
         if self.tiles:
-            windows = xp.zeros((n, c, oh, ow, kh * kw), dtype=gy.dtype)
-            xp.put_along_axis(windows, index[..., None].astype(np.int64), gy[..., None], axis=4)
+            windows = (index[..., None] == positions) * gy[..., None]  # (N, C, OH, OW, taps)
             windows = windows.reshape(n, c, oh, ow, kh, kw).transpose(0, 1, 2, 4, 3, 5)
             return windows.reshape(self.input_shape)
-        gcol = xp.zeros((n, c, kh * kw, oh, ow), dtype=gy.dtype)
-        xp.put_along_axis(gcol, index[:, :, None].astype(np.int64), gy[:, :, None], axis=2)
+        gcol = (index[:, :, None] == positions[:, None, None]) * gy[:, :, None]  # (N, C, taps, OH, OW)
         return col2im(gcol.reshape(n, c, kh, kw, oh, ow), self.input_shape, self.stride,
                       self.padding)
 
