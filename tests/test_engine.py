@@ -90,6 +90,37 @@ def test_saved_arrays_are_released_after_backward():
     assert node.saved is None
 
 
+def _kept_shapes(y):
+    """The shapes of the arrays y's node keeps for backward (None for a slot left empty)."""
+    return [None if a is None else tuple(a.shape) for a in y.grad_fn.saved]
+
+
+def test_each_op_keeps_only_what_its_backward_needs():
+    x = leaf(np.random.default_rng(0).standard_normal((2, 3, 6, 6)))
+    w = leaf(np.ones((4, 3, 3, 3)))
+    constant = md.tensor(np.full((2, 3, 6, 6), 2.0), device=TEST_DEVICE)
+    # Shapes only: add, concat, average pooling, sums.
+    for y in (x + x, md.concat([x, x], axis=1), md.avg_pool2d(x, 2), x.sum(axis=1), x.reshape(-1)):
+        assert y.grad_fn.saved == (), type(y.grad_fn).__name__
+    # conv2d: x and W themselves, never the patch matrix.
+    y = md.conv2d(x, w, padding=1)
+    assert [a is b for a, b in zip(y.grad_fn.saved, (x.data, w.data))] == [True, True]
+    # ReLU: its output (the mask); BN: x_hat and per-channel statistics.
+    y = md.relu(x)
+    assert y.grad_fn.saved[0] is y.data and len(y.grad_fn.saved) == 1
+    y = md.batch_norm(x, leaf(np.ones(3)), leaf(np.zeros(3)))
+    assert _kept_shapes(y) == [(2, 3, 6, 6), (3,), (3,)]
+    # max pooling: one small integer per output pixel.
+    y = md.max_pool2d(x, 2)
+    assert _kept_shapes(y) == [(2, 3, 3, 3)] and y.grad_fn.saved[0].itemsize <= 2
+    # A product or a power by a constant keeps only what the varying input's gradient needs.
+    assert _kept_shapes(x * constant) == [None, (2, 3, 6, 6)]
+    y = x ** constant                          # d/dx = c x^(c-1): x and c, not the output
+    assert _kept_shapes(y) == [(2, 3, 6, 6), (2, 3, 6, 6), None]
+    y = constant ** x                          # d/dx = y log c: c and the output, not x
+    assert _kept_shapes(y) == [(2, 3, 6, 6), None, (2, 3, 6, 6)]
+
+
 def test_retain_grad_on_intermediate():
     x = leaf([1.0, 2.0])
     h = x * 3

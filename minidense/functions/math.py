@@ -77,22 +77,24 @@ class PowScalar(Function):
 
 
 class Pow(Function):
-    """a ** b for two tensors."""
+    """a ** b for two tensors.  d/da = b a^(b-1) needs a and b; d/db = y log a needs
+    a and the output y.  Keeps: a, and b or y only when their gradient is wanted."""
 
     def forward(self, a, b):
         self.shapes = a.shape, b.shape
         y = a ** b
-        self.save_for_backward(a, b, y)
+        want_ga, want_gb = self.needs_input_grad
+        self.save_for_backward(a, b if want_ga else None, y if want_gb else None)
         return y
 
     def backward(self, gy):
         a, b, y = self.saved
         xp = backend.get_array_module(a)
-        ga = sum_to(gy * b * a ** (b - 1), self.shapes[0]) if self.needs_input_grad[0] else None
+        ga = sum_to(gy * b * a ** (b - 1), self.shapes[0]) if b is not None else None
         gb = None
-        if self.needs_input_grad[1]:
-            with_log = xp.where(a > 0, xp.log(xp.where(a > 0, a, 1)), 0)
-            gb = sum_to(gy * y * with_log, self.shapes[1])
+        if y is not None:
+            log_a = xp.where(a > 0, xp.log(xp.where(a > 0, a, 1)), 0)  # 0 where a <= 0
+            gb = sum_to(gy * y * log_a, self.shapes[1])
         return ga, gb
 
 
