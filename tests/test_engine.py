@@ -260,32 +260,58 @@ def test_memory_is_flat_over_200_training_steps():
 
 
 # -- ops never mutate their inputs or the upstream gradient ---------------------------------
+_LABELS = md.tensor([0, 2, 1], device=TEST_DEVICE)
+_RUNNING_MEAN = backend.array_module(TEST_DEVICE).asarray([0.5, -0.5])
+_RUNNING_VAR = backend.array_module(TEST_DEVICE).asarray([2.0, 0.5])
 OPS = {
     "conv2d": (lambda x, w: md.conv2d(x, w, stride=2, padding=1), [(2, 3, 5, 6), (4, 3, 3, 3)]),
+    "conv2d_fewer_outputs": (lambda x, w: md.conv2d(x, w, padding=1), [(2, 3, 5, 6), (2, 3, 3, 3)]),
+    "conv2d_more_outputs_bias": (lambda x, w, b: md.conv2d(x, w, b, padding=(0, 1)),
+                                 [(2, 3, 5, 6), (8, 3, 3, 2), (8,)]),
     "conv1x1": (lambda x, w: md.conv2d(x, w), [(2, 3, 4, 4), (5, 3, 1, 1)]),
     "linear": (lambda x, w: md.linear(x, w), [(3, 4), (2, 4)]),
+    "linear_bias": (md.linear, [(3, 4), (2, 4), (2,)]),
     "batch_norm": (lambda x, g, b: md.batch_norm(x, g, b), [(3, 2, 2, 2), (2,), (2,)]),
+    "batch_norm_eval": (lambda x, g, b: md.batch_norm(x, g, b, _RUNNING_MEAN, _RUNNING_VAR, training=False),
+                        [(3, 2, 2, 2), (2,), (2,)]),
     "relu": (md.relu, [(3, 4)]),
+    "sigmoid": (md.sigmoid, [(3, 4)]),
+    "tanh": (md.tanh, [(3, 4)]),
     "max_pool2d": (lambda x: md.max_pool2d(x, 2), [(2, 2, 4, 4)]),
+    "max_pool2d_overlapping": (lambda x: md.max_pool2d(x, 3, 2, 1), [(2, 2, 5, 4)]),
     "avg_pool2d": (lambda x: md.avg_pool2d(x, 3, 2, 1), [(2, 2, 5, 4)]),
     "global_avg_pool2d": (md.global_avg_pool2d, [(2, 3, 2, 2)]),
     "concat": (lambda a, b: md.concat([a, b], axis=1), [(2, 1, 3), (2, 2, 3)]),
     "add": (md.add, [(2, 3), (3,)]),
+    "sub": (md.sub, [(2, 3), (3,)]),
     "mul": (md.mul, [(2, 3), (2, 3)]),
+    "div": (md.div, [(2, 3), (2, 1)]),
+    "neg": (md.neg, [(2, 3)]),
+    "pow": (md.pow, [(2, 3), (2, 3)]),
+    "pow_scalar": (lambda x: x ** 3, [(2, 3)]),
+    "exp": (md.exp, [(2, 3)]),
+    "log": (md.log, [(2, 3)]),
+    "sqrt": (md.sqrt, [(2, 3)]),
     "dropout": (lambda x: md.dropout(x, 0.5), [(4, 4)]),
+    "cross_entropy": (lambda z: md.cross_entropy(z, _LABELS), [(3, 4)]),
     "matmul": (md.matmul, [(2, 3), (3, 2)]),
     "sum": (lambda x: x.sum(axis=1), [(2, 3)]),
+    "mean": (lambda x: x.mean(axis=(0, 2), keepdims=True), [(2, 3, 2)]),
     "max": (lambda x: x.max(axis=0), [(2, 3)]),
     "reshape": (lambda x: x.reshape(-1), [(2, 3)]),
+    "transpose": (lambda x: x.transpose(1, 0, 2), [(2, 3, 2)]),
     "getitem": (lambda x: x[:, 1:], [(2, 3)]),
+    "getitem_repeated_rows": (lambda x: x[[0, 1, 0]], [(2, 3)]),
 }
+POSITIVE_INPUTS = {"log", "sqrt", "pow", "pow_scalar"}  # their derivatives need x > 0
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_ops_do_not_mutate_inputs_or_upstream_gradient(name):
     fn, shapes = OPS[name]
     rng = np.random.default_rng(5)
-    inputs = [leaf(rng.standard_normal(s)) for s in shapes]
+    draw = (lambda shape: rng.uniform(0.5, 2.0, shape)) if name in POSITIVE_INPUTS else rng.standard_normal
+    inputs = [leaf(draw(s)) for s in shapes]
     before = [t.numpy() for t in inputs]
     y = fn(*inputs)
     upstream = backend.array_module(TEST_DEVICE).asarray(rng.standard_normal(y.shape))
