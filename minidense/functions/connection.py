@@ -21,23 +21,26 @@ class Conv2d(Function):
     Keeps: x and W.
 
     How, on NumPy.  Patches are cut from :class:`TapGrid` phase grids, on which the
-    patch of one kernel tap for the whole batch is a single contiguous slice, and
-    the product is one large matrix product rather than one per image.  Either
-    side of the product can be the one expanded kh*kw times, and the cheaper is
-    chosen by channel counts (C in, O out):
+    patch of one kernel tap for the whole batch is a single contiguous slice (a
+    stride-s convolution becomes s*s stride-1 ones, one per phase of the image), and
+    the product is one large matrix product rather than one per image.  Either side
+    of a product can be the one expanded kh*kw times; the side with fewer channels
+    is (C in, O out), which halves the memory traffic that dominates these products
+    when C and O differ (DenseNet's 48 -> 12 3x3 conv expands 12 channels, not 48):
 
-    * forward, O < C: *output shifts*.  Z = W_taps (kh*kw*O, C) @ x_grid gives each
+    * forward, O <= C: *output shifts*.  Z = W_taps (kh*kw*O, C) @ x_grid gives each
       tap's contribution at every grid position; y is the sum of the kh*kw slices
-      of Z shifted by each tap's offset.  (DenseNet's 48 -> 12 3x3 conv expands
-      12 channels instead of 48.)
-    * forward, O >= C: *im2col*: copy the kh*kw shifted slices of x_grid into a
-      (kh*kw*C, span) matrix and multiply by W (O, kh*kw*C).
-    * backward, O <= C (2C when dx is wanted): *expand the output gradient*, the
-      transposed convolution: G holds gy shifted by each tap's offset,
-      (kh*kw*O, size); then dx_grid = W^T-by-tap @ G and dW = G @ x_grid^T, one
-      expansion serving both.
-    * backward otherwise: *expand x*: dW = gy_grid @ patches^T, and dx is the
-      col2im of W^T @ gy_grid, a shifted add per tap on the phase grids.
+      of Z shifted by each tap's offset.
+    * forward, O > C: *im2col*: copy the kh*kw shifted slices of x_grid into a
+      (kh*kw*C, size) matrix and multiply by W (O, kh*kw*C).
+    * backward, O <= C: *expand the output gradient*, the transposed convolution:
+      G holds gy shifted by each tap's offset, (kh*kw*O, size); dx_grid = W (C,
+      kh*kw*O) @ G and dW = G @ x_grid^T, one expansion serving both.
+    * backward, O > C: *expand x*: dW = gy_grid @ patches^T, and dx is the col2im
+      of W^T @ gy_grid, a shifted add per tap on the phase grids.
+
+    The expanded matrices and grids are temporaries in ``scratch`` buffers, reused
+    from call to call instead of being freshly mapped (and zeroed) by the OS.
 
     1x1 convolutions with stride 1 and no padding need no patches at all: one
     batched product per image.  On CuPy, im2col and col2im are the gather kernels
