@@ -120,11 +120,18 @@ CASES = [
 # ---------------------------------------------------------------------------
 # Frameworks: make tensors, run forward or forward + backward, wait for the device.
 # ---------------------------------------------------------------------------
-class Minidense:
-    name = "minidense"
-
+class Framework:
     def __init__(self, device):
         self.device = device
+
+    def forward_backward(self, op, inputs, gy):
+        for t in inputs:
+            t.grad = None
+        op(*inputs).backward(gy)
+
+
+class Minidense(Framework):
+    name = "minidense"
 
     def tensors(self, arrays):
         return [md.tensor(a, requires_grad=True, device=self.device) for a in arrays]
@@ -137,21 +144,13 @@ class Minidense:
         with md.no_grad():
             return op(*inputs)
 
-    def forward_backward(self, op, inputs, gy):
-        for t in inputs:
-            t.grad = None
-        op(*inputs).backward(gy)
-
     def synchronize(self):
         if self.device == "cuda":
             md.backend.array_module("cuda").cuda.get_current_stream().synchronize()
 
 
-class Torch:
+class Torch(Framework):
     name = "torch"
-
-    def __init__(self, device):
-        self.device = device
 
     def tensors(self, arrays):
         return [torch.tensor(a, device=self.device, requires_grad=True) for a in arrays]
@@ -163,11 +162,6 @@ class Torch:
     def forward(self, op, inputs):
         with torch.no_grad():
             return op(*inputs)
-
-    def forward_backward(self, op, inputs, gy):
-        for t in inputs:
-            t.grad = None
-        op(*inputs).backward(gy)
 
     def synchronize(self):
         if self.device == "cuda":

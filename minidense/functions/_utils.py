@@ -129,26 +129,27 @@ class TapGrid:
                 self.phase_taps.append(slice(first, len(self.taps)))
         self.input_size = self.size + max(self.offsets)
 
-    def _phase_slices(self, a, b):
-        """(cell index, image index) slices of the image pixels that phase (a, b) holds."""
+    def _phase_cells(self, grids):
+        """For each phase that some tap reads: the view of its cells (C, N, rows, columns)
+        that hold image pixels, and the index of those pixels in the channel-major
+        image (C, N, H, W)."""
         n, c, h, w = self.image_shape
-        rows = _phase_slice(h, self.pad[0], self.stride[0], a)
-        cols = _phase_slice(w, self.pad[1], self.stride[1], b)
-        if rows is None or cols is None:
-            return None
-        return (slice(None), slice(None), rows[0], cols[0]), (slice(None), slice(None), rows[1], cols[1])
+        (sy, sx), (ph, pw) = self.stride, self.pad
+        for f, taps in enumerate(self.phase_taps):
+            rows = _phase_slice(h, ph, sy, f // sx)
+            cols = _phase_slice(w, pw, sx, f % sx)
+            if rows is None or cols is None or taps.stop == taps.start:
+                continue
+            cells = grids[f, :, :self.size].reshape(c, n, self.gh, self.gw)
+            yield cells[:, :, rows[0], cols[0]], (slice(None), slice(None), rows[1], cols[1])
 
     def phases(self, x, out):
         """Fill ``out`` (sy*sx, C, input_size) with the phases of zero-padded ``x`` (N, C, H, W)
         (only those that some tap reads)."""
-        n, c = x.shape[:2]
         out.fill(0)
         channel_major = x.transpose(1, 0, 2, 3)
-        for f, taps in enumerate(self.phase_taps):
-            where = self._phase_slices(*divmod(f, self.stride[1]))
-            if where is not None and taps.stop > taps.start:
-                cells = out[f, :, :self.size].reshape(c, n, self.gh, self.gw)
-                cells[where[0]] = channel_major[where[1]]
+        for cells, pixels in self._phase_cells(out):
+            cells[...] = channel_major[pixels]
         return out
 
     def image_from_phases(self, grids, dtype):
@@ -156,14 +157,10 @@ class TapGrid:
         The padding is dropped (its gradient goes nowhere), and phases that no tap
         reads are not looked at (their gradient is zero)."""
         xp = backend.get_array_module(grids)
-        n, c, h, w = self.image_shape
-        image = xp.zeros((n, c, h, w), dtype=dtype)
+        image = xp.zeros(self.image_shape, dtype=dtype)
         channel_major = image.transpose(1, 0, 2, 3)
-        for f, taps in enumerate(self.phase_taps):
-            where = self._phase_slices(*divmod(f, self.stride[1]))
-            if where is not None and taps.stop > taps.start:
-                cells = grids[f, :, :self.size].reshape(c, n, self.gh, self.gw)
-                channel_major[where[1]] = cells[where[0]]
+        for cells, pixels in self._phase_cells(grids):
+            channel_major[pixels] = cells
         return image
 
     def on_grid(self, y, out):
