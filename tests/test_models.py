@@ -1,5 +1,6 @@
-"""md.models: parameter counts against the published tables, output shapes, float64
-gradient checks end to end, batch-norm behaviour, and PyTorch twins of the models."""
+"""md.nn and md.models: Module bookkeeping and the papers' initialisation; parameter
+counts against the published tables, output shapes, float64 gradient checks end to
+end, batch-norm behaviour, and PyTorch twins of the models."""
 import math
 from collections import OrderedDict
 
@@ -8,6 +9,90 @@ import pytest
 
 import minidense as md
 from minidense import models
+
+# ---------------------------------------------------------------------------
+# md.nn: registration, traversal, modes, state, hooks and initialisation
+# ---------------------------------------------------------------------------
+class TwoLayers(md.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = md.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.norm = md.nn.BatchNorm2d(4)
+        self.head = md.nn.Sequential(md.nn.ReLU(), md.nn.GlobalAvgPool2d(), md.nn.Linear(4, 2))
+        self.shared = self.conv  # the same module twice: its parameters count once
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)))
+
+
+def test_module_registers_parameters_buffers_and_children_in_definition_order():
+    model = TwoLayers()
+    assert [n for n, _ in model.named_parameters()] == [
+        "conv.weight", "norm.weight", "norm.bias", "head.2.weight", "head.2.bias"]
+    assert [n for n, _ in model.named_buffers()] == ["norm.running_mean", "norm.running_var"]
+    assert [n for n, _ in model.named_children()] == ["conv", "norm", "head", "shared"]
+    assert [type(m).__name__ for m in model.modules()] == [
+        "TwoLayers", "Conv2d", "BatchNorm2d", "Sequential", "ReLU", "GlobalAvgPool2d", "Linear"]
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(b.requires_grad for b in model.buffers())  # saved, never trained
+    assert list(model.state_dict()) == [n for n, _ in model.named_parameters()] + [
+        n for n, _ in model.named_buffers()]
+
+
+def test_module_modes_zero_grad_and_dtype_moves_keep_parameter_identity():
+    model = TwoLayers()
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+    md.cross_entropy(model(md.randn(2, 3, 4, 4)), md.tensor([0, 1])).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    before = list(model.parameters())
+    model.double()
+    assert all(a is b for a, b in zip(model.parameters(), before))
+    assert all(t.dtype == np.float64 for t in list(model.parameters()) + list(model.buffers()))
+
+
+def test_load_state_dict_strict_and_lenient():
+    source, target = TwoLayers(), TwoLayers()
+    state = source.state_dict()
+    del state["head.2.bias"]
+    state["extra"] = np.zeros(1)
+    with pytest.raises(RuntimeError, match=r"missing keys: head.2.bias.*unexpected keys: extra"):
+        target.load_state_dict(state)
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    assert (missing, unexpected) == (["head.2.bias"], ["extra"])
+    np.testing.assert_array_equal(target.conv.weight.numpy(), source.conv.weight.numpy())
+
+
+def test_max_and_average_pooling_layers_are_separate_kinds():
+    assert not isinstance(md.nn.MaxPool2d(2), md.nn.AvgPool2d)
+    assert not isinstance(md.nn.AvgPool2d(2), md.nn.MaxPool2d)
+    x = md.randn(1, 2, 4, 4)
+    np.testing.assert_array_equal(md.nn.MaxPool2d(3, 1, 1)(x).numpy(), md.max_pool2d(x, 3, 1, 1).numpy())
+    np.testing.assert_array_equal(md.nn.AvgPool2d(3, 1, 1)(x).numpy(), md.avg_pool2d(x, 3, 1, 1).numpy())
+
+
+def test_initialisation_follows_the_papers():
+    """He et al. (2015) normal with fan-out for convolutions, std sqrt(2 / (out*kh*kw));
+    BN gamma 1 and beta 0; linear bias 0 and PyTorch's uniform(+-1/sqrt(in)) weight."""
+    conv = md.nn.Conv2d(16, 64, 3)  # fan-out 576 and fan-in 144 give stds 2x apart
+    w = conv.weight.numpy()
+    he_std = math.sqrt(2.0 / (64 * 3 * 3))
+    standard_error = he_std / math.sqrt(2 * w.size)  # of a sample standard deviation
+    assert abs(w.std() - he_std) < 6 * standard_error
+    assert abs(w.mean()) < 6 * he_std / math.sqrt(w.size)
+    assert conv.weight.dtype == np.float32
+    norm = md.nn.BatchNorm2d(5)
+    for tensor, value in ((norm.weight, 1), (norm.bias, 0), (norm.running_mean, 0), (norm.running_var, 1)):
+        np.testing.assert_array_equal(tensor.numpy(), np.full(5, value, dtype=np.float32))
+    fc = md.nn.Linear(400, 300)
+    bound = 1 / math.sqrt(400)
+    assert np.abs(fc.weight.numpy()).max() <= bound and np.abs(fc.weight.numpy()).max() > 0.99 * bound
+    np.testing.assert_array_equal(fc.bias.numpy(), np.zeros(300, dtype=np.float32))
+
 
 # ---------------------------------------------------------------------------
 # Parameter counts: every trainable tensor (conv weights, BN gamma and beta, linear

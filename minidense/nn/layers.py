@@ -74,19 +74,23 @@ class ReLU(Module):
         return relu(x)
 
 
-class AvgPool2d(Module):
+class _Pool2d(Module):
+    """The hyperparameters every pooling window has (stride defaults to the kernel size)."""
+
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-
-    def forward(self, x):
-        return avg_pool2d(x, self.kernel_size, self.stride, self.padding)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
-class MaxPool2d(AvgPool2d):
+class AvgPool2d(_Pool2d):
+    def forward(self, x):
+        return avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class MaxPool2d(_Pool2d):
     def forward(self, x):
         return max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
