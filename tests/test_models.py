@@ -67,6 +67,23 @@ def test_load_state_dict_strict_and_lenient():
     np.testing.assert_array_equal(target.conv.weight.numpy(), source.conv.weight.numpy())
 
 
+def test_forward_hooks_run_once_per_registration_and_can_be_removed():
+    layer, calls = md.nn.ReLU(), []
+
+    def hook(module, inputs, output):
+        calls.append(output.shape)
+
+    first, second = layer.register_forward_hook(hook), layer.register_forward_hook(hook)
+    layer(md.ones(2, 3))
+    assert len(calls) == 2  # as in PyTorch: the same function registered twice runs twice
+    first.remove()
+    layer(md.ones(2, 3))
+    assert len(calls) == 3
+    second.remove()
+    layer(md.ones(2, 3))
+    assert len(calls) == 3
+
+
 def test_max_and_average_pooling_layers_are_separate_kinds():
     assert not isinstance(md.nn.MaxPool2d(2), md.nn.AvgPool2d)
     assert not isinstance(md.nn.AvgPool2d(2), md.nn.MaxPool2d)

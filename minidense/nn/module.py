@@ -1,6 +1,7 @@
 """``Module``: a tree of layers that owns parameters and buffers, as in PyTorch."""
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -17,6 +18,19 @@ class Parameter(Tensor):
 
     def __repr__(self):
         return "Parameter(" + super().__repr__() + ")"
+
+
+_hook_keys = itertools.count()
+
+
+class _HookHandle:
+    """Returned by ``register_forward_hook``: ``remove()`` unregisters that hook."""
+
+    def __init__(self, hooks, key):
+        self.hooks, self.key = hooks, key
+
+    def remove(self):
+        self.hooks.pop(self.key, None)
 
 
 class Module:
@@ -56,16 +70,11 @@ class Module:
         self.__setattr__(name, tensor)
 
     def register_forward_hook(self, hook):
-        """``hook(module, inputs, output)`` runs after every forward; returns a handle
-        with ``remove()``."""
-        key = id(hook)
+        """``hook(module, inputs, output)`` runs after every forward (a result other than
+        None replaces the output); returns a handle whose ``remove()`` unregisters it."""
+        key = next(_hook_keys)  # one key per registration: the same function may be added twice
         self._forward_hooks[key] = hook
-        hooks = self._forward_hooks
-
-        class Handle:
-            def remove(self):
-                hooks.pop(key, None)
-        return Handle()
+        return _HookHandle(self._forward_hooks, key)
 
     def add_module(self, name: str, module: "Module") -> None:
         self.__setattr__(name, module)
