@@ -116,23 +116,25 @@ class Module:
     def children(self):
         return iter(m for _, m in self.named_children())
 
-    def named_parameters(self, prefix: str = ""):
+    def _named_tensors(self, registry: str, prefix: str):
+        """(dotted name, tensor) for each tensor in every module's ``registry``
+        ("_parameters" or "_buffers"); a tensor shared by several modules comes once."""
         seen = set()
-        for mname, module in self.named_modules(prefix):
-            for pname, p in module._parameters.items():
-                if p is not None and id(p) not in seen:
-                    seen.add(id(p))
-                    yield (f"{mname}.{pname}" if mname else pname), p
+        for module_name, module in self.named_modules(prefix):
+            for name, tensor in getattr(module, registry).items():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    yield (f"{module_name}.{name}" if module_name else name), tensor
+
+    def named_parameters(self, prefix: str = ""):
+        return self._named_tensors("_parameters", prefix)
 
     def parameters(self):
         for _, p in self.named_parameters():
             yield p
 
     def named_buffers(self, prefix: str = ""):
-        for mname, module in self.named_modules(prefix):
-            for bname, b in module._buffers.items():
-                if b is not None:
-                    yield (f"{mname}.{bname}" if mname else bname), b
+        return self._named_tensors("_buffers", prefix)
 
     def buffers(self):
         for _, b in self.named_buffers():
