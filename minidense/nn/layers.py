@@ -124,7 +124,24 @@ class Flatten(Module):
         return x.reshape(x.shape[0], -1)
 
 
-class Sequential(Module):
+class _ModuleSequence(Module):
+    """Modules numbered "0", "1", ... in order: indexing, iteration, length, append."""
+
+    def append(self, module):
+        self.add_module(str(len(self._modules)), module)
+        return self
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __getitem__(self, i):
+        return list(self._modules.values())[i]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+
+class Sequential(_ModuleSequence):
     """Modules applied in order; ``Sequential(a, b)`` or ``Sequential(OrderedDict(...))``."""
 
     def __init__(self, *modules):
@@ -133,44 +150,19 @@ class Sequential(Module):
             for name, m in modules[0].items():
                 self.add_module(name, m)
         else:
-            for i, m in enumerate(modules):
-                self.add_module(str(i), m)
+            for m in modules:
+                self.append(m)
 
     def forward(self, x):
         for m in self._modules.values():
             x = m(x)
         return x
 
-    def __len__(self):
-        return len(self._modules)
 
-    def __getitem__(self, i):
-        return list(self._modules.values())[i]
+class ModuleList(_ModuleSequence):
+    """A list of modules whose parameters the owner registers; it has no forward."""
 
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def append(self, module):
-        self.add_module(str(len(self._modules)), module)
-        return self
-
-
-class ModuleList(Module):
     def __init__(self, modules=()):
         super().__init__()
         for m in modules:
             self.append(m)
-
-    def append(self, module):
-        self.add_module(str(len(self._modules)), module)
-        return self
-
-    def __len__(self):
-        return len(self._modules)
-
-    def __getitem__(self, i):
-        return list(self._modules.values())[i]
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
