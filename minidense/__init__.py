@@ -8,6 +8,7 @@
 from . import backend
 from .autograd import Function, Tensor, as_tensor, enable_grad, is_grad_enabled, no_grad, tensor
 from .backend import cuda_available, manual_seed
+from .functions.array import as_tuple as _as_tuple
 from .functions import (
     add, avg_pool2d, batch_norm, concat, conv2d, cross_entropy, div, dropout, exp, flatten,
     global_avg_pool2d, linear, log, matmul, max, max_pool2d, mean, mul, neg, pow, relu, reshape,
@@ -25,19 +26,21 @@ __version__ = "0.1.0"
 
 
 def zeros(*shape, dtype=None, device="cpu", requires_grad=False):
-    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-    xp = backend.array_module(device)
-    return Tensor(xp.zeros(shape, dtype=dtype or "float32"), requires_grad=requires_grad)
+    """A tensor of zeros; ``md.zeros(2, 3)`` or ``md.zeros((2, 3))``; float32 by default."""
+    return _filled(0, shape, dtype, device, requires_grad)
 
 
 def ones(*shape, dtype=None, device="cpu", requires_grad=False):
-    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    """A tensor of ones; ``md.ones(2, 3)`` or ``md.ones((2, 3))``; float32 by default."""
+    return _filled(1, shape, dtype, device, requires_grad)
+
+
+def _filled(value, shape, dtype, device, requires_grad):
     xp = backend.array_module(device)
-    return Tensor(xp.ones(shape, dtype=dtype or "float32"), requires_grad=requires_grad)
+    return Tensor(xp.full(_as_tuple(shape), value, dtype=dtype or "float32"), requires_grad=requires_grad)
 
 
 def randn(*shape, dtype=None, device="cpu", requires_grad=False):
     """Standard normal samples from minidense's seeded generator."""
-    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-    data = backend.generator(device).standard_normal(shape, dtype=dtype or "float32")
+    data = backend.generator(device).standard_normal(_as_tuple(shape), dtype=dtype or "float32")
     return Tensor(data, requires_grad=requires_grad)

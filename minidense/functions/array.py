@@ -108,10 +108,15 @@ class ToDeviceAndDtype(Function):
         return backend.to_device(gy, device).astype(dtype, copy=False)
 
 
+def as_tuple(args):
+    """The sizes or axes a function got as ``f(2, 3)`` or as ``f((2, 3))``, as one tuple."""
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        return tuple(args[0])
+    return tuple(args)
+
+
 def reshape(x, *shape):
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = tuple(shape[0])
-    return Reshape(tuple(shape))(x)
+    return Reshape(as_tuple(shape))(x)
 
 
 def flatten(x, start_axis=1):
@@ -120,9 +125,7 @@ def flatten(x, start_axis=1):
 
 
 def transpose(x, *axes):
-    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
-        axes = tuple(axes[0])
-    return Transpose(axes or None)(x)
+    return Transpose(as_tuple(axes) or None)(x)
 
 
 def getitem(x, index):
