@@ -334,6 +334,14 @@ def test_dtype_rule():
     assert x.sum().dtype == np.float64                         # full reductions too
 
 
+@pytest.mark.parametrize("op", [md.add, md.sub, md.mul, md.div, md.pow])
+def test_a_python_number_never_changes_the_dtype_in_either_position(op):
+    x = md.tensor(np.array([1.0, 2.0], dtype=np.float32), device=TEST_DEVICE)
+    for number in (2, 0.5):
+        assert op(x, number).dtype == np.float32
+        assert op(number, x).dtype == np.float32, (op.__name__, number)
+
+
 # -- clear errors ---------------------------------------------------------------------
 def test_conv_channel_mismatch():
     with pytest.raises(ValueError, match=r"conv2d: input has 3 channels .*expects 4"):

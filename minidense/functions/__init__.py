@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import backend
-from ..autograd import Tensor, as_tensor
+from ..autograd import Tensor
 from .activation import relu, sigmoid, tanh
 from .array import concat, flatten, getitem, reshape, to_device_and_dtype, transpose
 from .connection import conv2d, linear
@@ -14,7 +14,8 @@ from .pooling import avg_pool2d, global_avg_pool2d, max_pool2d
 
 
 def _reflected(fn):
-    return lambda self, other: fn(as_tensor(other, like=self), self)
+    """``other <op> tensor`` for a non-Tensor ``other`` (Python's reflected operators)."""
+    return lambda self, other: fn(other, self)
 
 
 def _compare(op):

@@ -201,25 +201,30 @@ class Max(Function):
 # ---------------------------------------------------------------------------
 # Functional forms
 # ---------------------------------------------------------------------------
+def _operands(a, b):
+    """a and b as Tensors.  A Python number takes the dtype and device of the other
+    operand, in either position, so ``2 * x`` and ``md.mul(2, x)`` stay float32."""
+    if isinstance(a, Tensor):
+        return a, as_tensor(b, like=a)
+    b = as_tensor(b)
+    return as_tensor(a, like=b), b
+
+
 def add(a, b):
     """a + b with broadcasting (the residual connection of ResNet)."""
-    a = as_tensor(a)
-    return Add()(a, as_tensor(b, like=a))
+    return Add()(*_operands(a, b))
 
 
 def sub(a, b):
-    a = as_tensor(a)
-    return Sub()(a, as_tensor(b, like=a))
+    return Sub()(*_operands(a, b))
 
 
 def mul(a, b):
-    a = as_tensor(a)
-    return Mul()(a, as_tensor(b, like=a))
+    return Mul()(*_operands(a, b))
 
 
 def div(a, b):
-    a = as_tensor(a)
-    return Div()(a, as_tensor(b, like=a))
+    return Div()(*_operands(a, b))
 
 
 def neg(x):
@@ -227,9 +232,9 @@ def neg(x):
 
 
 def pow(x, exponent):
+    """x ** exponent; a constant Python exponent is folded into the op (PowScalar)."""
     if isinstance(exponent, Tensor) or backend.is_array(exponent):
-        x = as_tensor(x)
-        return Pow()(x, as_tensor(exponent, like=x))
+        return Pow()(*_operands(x, exponent))
     return PowScalar(exponent)(x)
 
 
