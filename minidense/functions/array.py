@@ -1,10 +1,12 @@
 """Shape and layout ops: reshape, transpose, indexing, concatenation, device moves."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from .. import backend
-from ..autograd import Function, as_tensor
+from ..autograd import Function, Tensor, as_tensor
 
 
 class Reshape(Function):
@@ -32,7 +34,7 @@ class Transpose(Function):
         if sorted(a % x.ndim for a in axes) != list(range(x.ndim)):
             raise ValueError(f"transpose: axes {axes} are not a permutation of the "
                              f"{x.ndim} axes of shape {tuple(x.shape)}")
-        self.inverse = tuple(np.argsort([a % x.ndim for a in axes]))
+        self.inverse = tuple(int(i) for i in np.argsort([a % x.ndim for a in axes]))
         return x.transpose(axes)
 
     def backward(self, gy):
@@ -87,7 +89,7 @@ class Concat(Function):
         return backend.get_array_module(first).concatenate(xs, axis=axis)
 
     def backward(self, gy):
-        bounds = np.cumsum(self.sizes)[:-1]
+        bounds = list(itertools.accumulate(self.sizes))[:-1]  # where each input's part starts
         xp = backend.get_array_module(gy)
         return tuple(xp.split(gy, bounds, axis=self.axis_))
 
@@ -129,10 +131,11 @@ def transpose(x, *axes):
 
 
 def getitem(x, index):
-    if hasattr(index, "data") and not isinstance(index, slice):  # a Tensor as index
+    """x[index]; Tensors inside the index are used as their arrays."""
+    if isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    elif isinstance(index, Tensor):
         index = index.data
-    elif isinstance(index, tuple):
-        index = tuple(i.data if hasattr(i, "grad_fn") else i for i in index)
     return GetItem(index)(x)
 
 
