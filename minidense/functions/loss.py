@@ -26,6 +26,9 @@ class CrossEntropy(Function):
             raise TypeError(f"cross_entropy: labels must be integers, got dtype {labels.dtype}")
         xp = backend.get_array_module(logits)
         k = logits.shape[1]
+        # The one host read of a forward pass (a single bool, a sync on CuPy), on purpose:
+        # CuPy's fancy indexing wraps an out-of-range label around instead of raising,
+        # so without it a bad label would silently train on the wrong class.
         if labels.size and bool(((labels < 0) | (labels >= k)).any()):
             bad = backend.to_numpy(labels[(labels < 0) | (labels >= k)])[:5]
             raise ValueError(f"cross_entropy: labels must be in [0, {k}) for {k} classes, "
