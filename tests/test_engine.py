@@ -2,6 +2,7 @@
 import gc
 import sys
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -390,6 +391,30 @@ def test_cross_entropy_labels_out_of_range():
 def test_cross_entropy_float_labels():
     with pytest.raises(TypeError, match="labels must be integers"):
         md.cross_entropy(md.ones(2, 3), md.tensor([0.0, 1.0]))
+
+
+def test_minidense_imports_and_runs_without_cupy():
+    """``sys.modules['cupy'] = None`` makes ``import cupy`` fail as if it were not installed."""
+    import subprocess
+    code = ("import sys; sys.modules['cupy'] = None; sys.modules['cupyx'] = None\n"
+            "import minidense as md\n"
+            "assert not md.cuda_available()\n"
+            "x = md.tensor([1.0, 2.0], requires_grad=True); (x * x).sum().backward()\n"
+            "assert x.grad.tolist() == [2.0, 4.0]\n"
+            "try:\n    md.tensor([1.0], device='cuda')\nexcept RuntimeError as e:\n"
+            "    assert 'CuPy is not installed' in str(e), e\n"
+            "else:\n    raise AssertionError('no error for cuda without CuPy')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+
+
+def test_only_the_backend_module_imports_cupy():
+    import re
+    package = Path(md.__file__).resolve().parent
+    importing = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                       if re.search(r"^\s*(import|from)\s+cupy", p.read_text(encoding="utf-8"), re.M))
+    assert importing == ["backend.py"]
 
 
 def test_cuda_request_without_gpu_is_clear():
