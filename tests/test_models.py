@@ -35,8 +35,11 @@ def test_module_registers_parameters_buffers_and_children_in_definition_order():
         "TwoLayers", "Conv2d", "BatchNorm2d", "Sequential", "ReLU", "GlobalAvgPool2d", "Linear"]
     assert all(p.requires_grad for p in model.parameters())
     assert not any(b.requires_grad for b in model.buffers())  # saved, never trained
-    assert list(model.state_dict()) == [n for n, _ in model.named_parameters()] + [
-        n for n, _ in model.named_buffers()]
+    state = model.state_dict()
+    assert sorted(state) == sorted([n for n, _ in model.named_parameters()] +
+                                   [n for n, _ in model.named_buffers()])
+    state["norm.weight"][0] = 5.0  # host copies: changing them leaves the model alone
+    assert model.norm.weight.numpy()[0] == 1.0
 
 
 def test_module_modes_zero_grad_and_dtype_moves_keep_parameter_identity():
