@@ -355,15 +355,17 @@ def _accumulate(existing, new):
     return new if existing is None else existing + new
 
 
-def _accumulate_into_leaf(leaf: Tensor, grad) -> None:
-    if grad.shape != leaf.shape:
+def _accumulate_into_grad(tensor: Tensor, grad) -> None:
+    """Add ``grad`` to ``tensor.grad``: a leaf's, or a non-leaf's that asked for
+    ``retain_grad``.  Sums across backward calls until the gradient is zeroed."""
+    if grad.shape != tensor.shape:
         raise RuntimeError(f"backward: gradient of shape {grad.shape} for a tensor of shape "
-                           f"{leaf.shape} (an op's backward returned the wrong shape)")
-    if leaf.grad is None:
+                           f"{tensor.shape} (an op's backward returned the wrong shape)")
+    if tensor.grad is None:
         # A copy, so that no .grad aliases another gradient or the upstream one.
-        leaf.grad = Tensor(grad.astype(leaf.dtype, copy=True))
+        tensor.grad = Tensor(grad.astype(tensor.dtype, copy=True))
     else:
-        leaf.grad.data += grad
+        tensor.grad.data += grad
 
 
 def run_backward(root: Tensor, grad=None, retain_graph: bool = False) -> None:
@@ -384,7 +386,7 @@ def run_backward(root: Tensor, grad=None, retain_graph: bool = False) -> None:
             raise RuntimeError(f"backward: grad has shape {grad.shape} but the tensor has shape "
                                f"{root.shape}")
     if root.grad_fn is None:
-        _accumulate_into_leaf(root, grad)
+        _accumulate_into_grad(root, grad)
         return
 
     pending = {}   # node -> list of gradient arrays, one per output
@@ -409,7 +411,7 @@ def _call_backward(node: Function, grad_outputs, xp, retain_graph: bool):
     for ref, grad in zip(node.outputs, grad_outputs):  # retain_grad on non-leaf outputs
         output = ref()
         if output is not None and output._retain_grad and grad is not None:
-            _accumulate_into_leaf(output, grad)
+            _accumulate_into_grad(output, grad)
     if not node.accepts_none_grads:
         grad_outputs = [g if g is not None else xp.zeros(shape, dtype)
                         for g, (shape, dtype) in zip(grad_outputs, node.output_meta)]
@@ -433,7 +435,7 @@ def _pass_on(node: Function, grad_inputs, pending, heap) -> None:
             continue
         target, index = edge
         if isinstance(target, Tensor):
-            _accumulate_into_leaf(target, grad)
+            _accumulate_into_grad(target, grad)
         else:
             slots = pending.get(target)
             if slots is None:
