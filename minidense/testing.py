@@ -49,7 +49,9 @@ def arrays(draw, shape, low=-2.0, high=2.0, margin=0.0):
 
 @st.composite
 def distinct_arrays(draw, shape, spacing=0.05):
-    """Values all at least ``spacing`` apart (no ties for max or max-pool to split)."""
+    """Values on a shuffled grid of step ``spacing``, each moved by at most spacing/4,
+    so any two are at least spacing/2 apart (no ties for max or max-pool to split, and
+    finite differences of step eps << spacing/2 never swap a window's maximum)."""
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     size = int(np.prod(shape)) if len(shape) else 1
