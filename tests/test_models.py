@@ -50,12 +50,16 @@ def test_module_modes_zero_grad_and_dtype_moves_keep_parameter_identity():
     assert all(m.training for m in model.modules())
     md.cross_entropy(model(md.randn(2, 3, 4, 4)), md.tensor([0, 1])).backward()
     assert all(p.grad is not None for p in model.parameters())
-    model.zero_grad()
-    assert all(p.grad is None for p in model.parameters())
+    grads = [p.grad.numpy() for p in model.parameters()]
     before = list(model.parameters())
     model.double()
     assert all(a is b for a, b in zip(model.parameters(), before))
     assert all(t.dtype == np.float64 for t in list(model.parameters()) + list(model.buffers()))
+    for p, g in zip(model.parameters(), grads):  # gradients move with their parameters
+        assert p.grad.dtype == np.float64
+        np.testing.assert_array_equal(p.grad.numpy(), g)
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_load_state_dict_strict_and_lenient():

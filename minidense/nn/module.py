@@ -160,13 +160,15 @@ class Module:
         """Move (and/or cast) every parameter and buffer in place; parameters keep their
         identity, so an optimizer built before the move still holds them."""
         device = backend.check_device(device) if device is not None else None
+
+        def moved(array):
+            array = array if device is None else backend.to_device(array, device)
+            return array.astype(dtype) if dtype is not None and array.dtype.kind == "f" else array
+
         for t in list(self.parameters()) + list(self.buffers()):
-            data = t.data if device is None else backend.to_device(t.data, device)
-            if dtype is not None and t.dtype.kind == "f":
-                data = data.astype(dtype)
-            t.data = data
-            if t.grad is not None:
-                t.grad = None
+            t.data = moved(t.data)
+            if t.grad is not None:  # the gradient goes along, as in PyTorch
+                t.grad.data = moved(t.grad.data)
         return self
 
     def double(self):
