@@ -366,6 +366,9 @@ def test_concat_shapes_differ_off_axis():
     (lambda: md.batch_norm(md.ones(4), md.ones(1), md.ones(1)), r"batch_norm: input must have a channel axis"),
     (lambda: md.cross_entropy(md.ones(4), md.tensor([0])), r"cross_entropy: logits must be 2-D"),
     (lambda: md.global_avg_pool2d(md.ones(2, 3)), r"global_avg_pool2d: input must be 4-D"),
+    (lambda: md.avg_pool2d(md.ones(4, 4), 2), r"AvgPool2d: input must be 4-D"),
+    (lambda: md.linear(md.ones(2, 3), md.ones(3)), r"linear: weight must be 2-D"),
+    (lambda: md.matmul(md.ones(2, 3, 4), md.ones(3, 2)), r"matmul: cannot multiply shapes \(2, 3, 4\) and \(3, 2\)"),
 ])
 def test_wrong_ranks(call, pattern):
     with pytest.raises(ValueError, match=pattern):
