@@ -249,7 +249,14 @@ class Tensor:
 
 
 def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor:
-    """Make a Tensor from a list, a number or an array (see the dtype rule above)."""
+    """A new Tensor from a list, a number or an array (see the dtype rule above).
+
+    Like ``torch.tensor``, it always copies: changing the array afterwards does not
+    change the tensor.  ``md.as_tensor`` shares an array's memory instead."""
+    if isinstance(data, Tensor):
+        data = data.data
+    if backend.is_array(data) and (device is None or backend.check_device(device) == backend.device_of(data)):
+        data = data.copy()
     return Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
 
 

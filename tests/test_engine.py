@@ -451,3 +451,10 @@ def test_mixing_devices_error_on_any_machine(monkeypatch):
     monkeypatch.setattr(backend, "device_of", lambda arr: "cuda" if arr is b.data else real(arr))
     with pytest.raises(RuntimeError, match=r"Mul: all inputs must be on one device, got cpu \(2,\), cuda \(2,\)"):
         a * b
+
+
+def test_tensor_copies_and_as_tensor_shares():
+    array = np.zeros(3)
+    copied, shared = md.tensor(array), md.as_tensor(array)
+    array[0] = 1.0
+    assert copied.numpy()[0] == 0.0 and shared.numpy()[0] == 1.0
