@@ -30,6 +30,7 @@ CASES = [
     ((3, 2, 4, 5), (3, 2, 3, 3), 1, 3, True),          # padding > kernel - 1, batch 3
     ((3, 3, 8, 8), (2, 3, 3, 3), 2, 1, False),         # images sharing padding, stride 2
     ((2, 3, 6, 7), (4, 3, 2, 2), 1, (0, 1), True),     # even kernel, one-sided reach
+    ((2, 4, 9, 4), (1, 4, 3, 4), 1, (2, 3), False),    # one output channel, nothing to crop
 ]
 CASE_IDS = [f"x{c[0]}-w{c[1]}-s{c[2]}-p{c[3]}" + ("-bias" if c[4] else "") for c in CASES]
 
@@ -100,14 +101,18 @@ def test_gradient_of_one_input_only(path, wanted):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
-def test_inputs_and_upstream_gradient_are_not_mutated(path):
+def test_inputs_outputs_and_upstream_gradient_are_not_mutated(path):
     for case in CASES:
         x, w, b = make_inputs(case)
         inputs = [md.tensor(a.copy(), requires_grad=True) for a in (x, w, b) if a is not None]
         y = conv_on_path(path, case[2], case[3])(*inputs)
+        y_before = y.numpy()
         gy = np.random.default_rng(1).standard_normal(y.shape)
         gy_before = gy.copy()
         y.backward(gy)
+        np.testing.assert_array_equal(y.data, y_before)  # the output owns its memory...
+        conv_on_path(path, case[2], case[3])(*[t * 2 for t in inputs])
+        np.testing.assert_array_equal(y.data, y_before)  # ...that no later call reuses
         np.testing.assert_array_equal(inputs[0].data, x)
         np.testing.assert_array_equal(inputs[1].data, w)
         if b is not None:
@@ -129,3 +134,33 @@ def test_float32_stays_float32(path):
     expected = naive_conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
                             pairs(case[2]), pairs(case[3]))
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_random_geometries_agree_with_naive_loops_and_the_gather_path():
+    """Many random kernel/stride/padding/image geometries: every grid path's output
+    against naive loops, and its gradients against the gather path (im2col/col2im,
+    checked against finite differences above)."""
+    rng = np.random.default_rng(7)
+    checked = 0
+    while checked < 60:
+        n, c, o = rng.integers(1, 4), rng.integers(1, 5), rng.integers(1, 5)
+        kh, kw, sy, sx, ph, pw = (int(v) for v in rng.integers([1, 1, 1, 1, 0, 0], [5, 5, 4, 4, 4, 4]))
+        h, w = (int(v) for v in rng.integers(1, 10, 2))
+        if h + 2 * ph < kh or w + 2 * pw < kw:
+            continue
+        x = rng.standard_normal((n, c, h, w))
+        weight = rng.standard_normal((o, c, kh, kw))
+        expected = naive_conv2d(x, weight, None, (sy, sx), (ph, pw))
+        gy = rng.standard_normal(expected.shape)
+        grads = {}
+        for path in [p for p in PATHS if p[0] != "grid"] + [p for p in PATHS if p[0] == "grid"]:
+            inputs = [md.tensor(x, requires_grad=True), md.tensor(weight, requires_grad=True)]
+            y = conv_on_path(path, (sy, sx), (ph, pw))(*inputs)
+            np.testing.assert_allclose(y.numpy(), expected, rtol=1e-10, atol=1e-12)
+            y.backward(gy)
+            grads[path] = [t.grad.numpy() for t in inputs]
+        reference = grads[("gather", None, None)]
+        for path, (gx, gw) in grads.items():
+            np.testing.assert_allclose(gx, reference[0], rtol=1e-10, atol=1e-12, err_msg=str(path))
+            np.testing.assert_allclose(gw, reference[1], rtol=1e-10, atol=1e-12, err_msg=str(path))
+        checked += 1

@@ -172,10 +172,9 @@ class TapGrid:
 
     def crop(self, grid):
         """The outputs (N, O, OH, OW) of a flat output grid (O, N*GH*GW), as a fresh array."""
-        xp = backend.get_array_module(grid)
         o, n = grid.shape[0], self.image_shape[0]
         outputs = grid.reshape(o, n, self.gh, self.gw)[:, :, :self.oh, :self.ow]
-        return xp.ascontiguousarray(outputs.transpose(1, 0, 2, 3))
+        return outputs.transpose(1, 0, 2, 3).copy()  # a copy even when no cropping is needed
 
 
 _scratch_buffers = threading.local()
