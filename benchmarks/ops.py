@@ -302,15 +302,17 @@ def main(argv=None):
 
     blas = blas_description()
     frameworks = [Minidense(args.device)]
-    if torch is not None:
+    use_torch = torch is not None and (args.device == "cpu" or torch.cuda.is_available())
+    if use_torch:
         torch.set_num_threads(blas["threads"])
         frameworks.append(Torch(args.device))
     machine = machine_description(args.device, blas)
     print(f"minidense on {'NumPy' if args.device == 'cpu' else 'CuPy'} vs "
-          + (f"PyTorch {torch.__version__} on {args.device}" if torch is not None else "no PyTorch (not importable)"))
+          + (f"PyTorch {torch.__version__} on {args.device}" if use_torch
+             else "no PyTorch (not importable)" if torch is None else f"no PyTorch (this torch has no {args.device})"))
     print(f"{machine['cpu']}, {machine['cpu_count']} CPUs; NumPy {np.__version__}, "
           f"BLAS {blas.get('name')} {blas.get('version')} with {blas['threads']} threads"
-          + (f"; torch set to {torch.get_num_threads()} threads to match" if torch is not None else ""))
+          + (f"; torch set to {torch.get_num_threads()} threads to match" if use_torch else ""))
     print(f"float32; median of {repeats} interleaved calls after {warmup} warm-up; ratio = minidense / torch\n")
 
     cases = [c for c in CASES if args.only is None or args.only in c[0]]
@@ -319,7 +321,7 @@ def main(argv=None):
     for case in cases:
         results.append(run_case(case, frameworks, repeats, warmup))
     load_after = os.getloadavg()
-    print_table(results, torch is not None)
+    print_table(results, use_torch)
     print(f"\nload average (1 min) {load_before[0]:.2f} before the run, {load_after[0]:.2f} after, on "
           f"{os.cpu_count()} CPUs (a load before the run near the CPU count means other programs "
           f"competed for the cores: rerun when quiet)")
