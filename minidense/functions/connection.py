@@ -109,12 +109,12 @@ class Conv2d(Function):
         o, c = w.shape[:2]
         grid = TapGrid(x.shape, w.shape[2:], self.stride, self.padding)
         size = grid.size
-        dtype = np.result_type(x, w)
+        dtype = np.result_type(x.dtype, w.dtype)
         x_grids = grid.phases(x, scratch(xp, "x_grids", (len(grid.phase_taps), c, grid.input_size), dtype))
         w_taps = _weight_taps(w, grid, dtype)                 # (O, C, taps)
         y_grid = scratch(xp, "y_grid", (o, size), dtype)
         if (self.forward_expands or ("output" if o <= c else "input")) == "output":
-            first = True
+            y_grid.fill(0)
             for f, taps in enumerate(grid.phase_taps):
                 if taps.stop == taps.start:
                     continue
@@ -123,11 +123,7 @@ class Conv2d(Function):
                 xp.matmul(w_f, x_grids[f], out=z)
                 z = z.reshape(-1, o, grid.input_size)         # (taps of phase f, O, input_size)
                 for t, offset in enumerate(grid.offsets[taps]):
-                    if first:
-                        y_grid[...] = z[t, :, offset:offset + size]
-                        first = False
-                    else:
-                        y_grid += z[t, :, offset:offset + size]
+                    y_grid += z[t, :, offset:offset + size]
         else:  # im2col
             patches = _patches(x_grids, grid)                 # (taps*C, size)
             w_mat = w_taps.transpose(0, 2, 1).reshape(o, -1)  # (O, taps*C)
@@ -139,7 +135,7 @@ class Conv2d(Function):
         o, c = w.shape[:2]
         grid = TapGrid(x.shape, w.shape[2:], self.stride, self.padding)
         phases, taps, size, input_size = len(grid.phase_taps), len(grid.taps), grid.size, grid.input_size
-        dtype = np.result_type(x, w, gy)
+        dtype = np.result_type(x.dtype, w.dtype, gy.dtype)
         if want_gw:
             x_grids = grid.phases(x, scratch(xp, "x_grids", (phases, c, input_size), dtype))
             gw_taps = xp.empty((taps, o, c), dtype=dtype)
