@@ -164,3 +164,15 @@ def test_random_geometries_agree_with_naive_loops_and_the_gather_path():
             np.testing.assert_allclose(gx, reference[0], rtol=1e-10, atol=1e-12, err_msg=str(path))
             np.testing.assert_allclose(gw, reference[1], rtol=1e-10, atol=1e-12, err_msg=str(path))
         checked += 1
+
+
+def test_large_temporaries_are_not_kept(monkeypatch):
+    """Above the keep limit conv2d still works, with fresh temporaries."""
+    from minidense.functions import _utils
+    monkeypatch.setattr(_utils, "SCRATCH_KEEP_LIMIT", 0)
+    case = CASES[0]
+    x, w, b = make_inputs(case)
+    y = conv_on_path((None, None, None), case[2], case[3])(md.tensor(x), md.tensor(w), md.tensor(b))
+    np.testing.assert_allclose(y.numpy(), naive_conv2d(x, w, b, pairs(case[2]), pairs(case[3])),
+                               rtol=1e-10, atol=1e-12)
+    assert _utils.scratch(np, "unkept", (4, 5), np.float32).base is None

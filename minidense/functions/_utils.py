@@ -178,6 +178,7 @@ class TapGrid:
 
 
 _scratch_buffers = threading.local()
+SCRATCH_KEEP_LIMIT = 256 * 2 ** 20  # bytes: larger temporaries are not kept between calls
 
 
 def scratch(xp, name, shape, dtype):
@@ -188,11 +189,13 @@ def scratch(xp, name, shape, dtype):
     costs about as much as writing them.  So on NumPy each ``name`` keeps one buffer
     (per thread), grown as needed and reused by the next call; arrays handed out
     under one name share memory, so an op uses each name for one live array at a
-    time.  CuPy's memory pool already recycles device memory: there it is xp.empty.
+    time.  Temporaries over SCRATCH_KEEP_LIMIT (a huge evaluation batch) are
+    allocated afresh instead, so as not to hold that memory for good.  CuPy's memory
+    pool already recycles device memory: there it is xp.empty.
     """
-    if xp is not np:
-        return xp.empty(shape, dtype=dtype)
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if xp is not np or nbytes > SCRATCH_KEEP_LIMIT:
+        return xp.empty(shape, dtype=dtype)
     buffer = getattr(_scratch_buffers, name, None)
     if buffer is None or buffer.nbytes < nbytes:
         buffer = np.empty(nbytes, dtype=np.uint8)
