@@ -3,6 +3,7 @@
     python benchmarks/ops.py                 # CPU, the shapes that dominate the models
     python benchmarks/ops.py --quick         # fewer repetitions
     python benchmarks/ops.py --device cuda   # minidense on CuPy, PyTorch on CUDA
+    python benchmarks/ops.py --threads 1 --clock cpu   # one thread, CPU time
 
 For each op and shape: forward alone (under no_grad) and forward + backward (leaf
 inputs, a fixed upstream gradient; the leaves' .grad is cleared before each call),
@@ -11,11 +12,16 @@ programs on the machine hits both alike, and the median of ``--repeats`` calls a
 warm-up is reported (the minimum goes into the JSON too).  PyTorch gets as many
 threads as minidense's BLAS uses.  The ratio is minidense's time over PyTorch's.
 
+On a shared machine, ``--threads 1 --clock cpu`` gives figures that other programs
+disturb much less: CPU time leaves out the time spent waiting for a core, whereas a
+two-thread BLAS or OpenMP call stalls whenever one of its cores is taken.
+
 Goal (issue 2): conv2d forward + backward at most 3x PyTorch's time at every 32x32
 shape and at most 2x at 8x8; the "goal" column says whether each conv meets it.
 Without torch the PyTorch columns stay empty.  Results also go to a JSON file
-(``benchmarks/results/ops-<device>.json`` unless ``--json`` says otherwise), with
-the machine: CPU count, NumPy, BLAS and its threads, torch.
+(``benchmarks/results/ops-<device>[-<n>thread][-cputime].json`` unless ``--json`` says
+otherwise), with the machine: CPU count, NumPy, BLAS and its threads, torch, and the
+load average around the run.
 """
 from __future__ import annotations
 
@@ -168,7 +174,7 @@ class Torch(Framework):
             torch.cuda.synchronize()
 
 
-def time_interleaved(calls, repeats, warmup, synchronize):
+def time_interleaved(calls, repeats, warmup, synchronize, clock=time.perf_counter):
     """Milliseconds of each call, the calls alternating one after another."""
     for call, sync in zip(calls, synchronize):
         for _ in range(warmup):
@@ -177,10 +183,10 @@ def time_interleaved(calls, repeats, warmup, synchronize):
     times = [[] for _ in calls]
     for _ in range(repeats):
         for call, sync, record in zip(calls, synchronize, times):
-            start = time.perf_counter()
+            start = clock()
             call()
             sync()
-            record.append((time.perf_counter() - start) * 1e3)
+            record.append((clock() - start) * 1e3)
     return times
 
 
@@ -188,7 +194,7 @@ def summary(ms):
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "all_ms": [round(t, 3) for t in ms]}
 
 
-def run_case(case, frameworks, repeats, warmup):
+def run_case(case, frameworks, repeats, warmup, clock):
     family, shape, goal, build = case
     arrays, ops = build(np.random.default_rng(0))
     result = {"op": family, "shape": shape, "goal_ratio": goal}
@@ -201,7 +207,7 @@ def run_case(case, frameworks, repeats, warmup):
             else:
                 gy = fw.gradient(fw.forward(op, inputs))
                 calls.append(lambda fw=fw, op=op, inputs=inputs, gy=gy: fw.forward_backward(op, inputs, gy))
-        times = time_interleaved(calls, repeats, warmup, [fw.synchronize for fw in frameworks])
+        times = time_interleaved(calls, repeats, warmup, [fw.synchronize for fw in frameworks], clock)
         for fw, ms in zip(frameworks, times):
             result.setdefault(fw.name, {})[mode] = summary(ms)
         if len(frameworks) == 2:
@@ -236,6 +242,17 @@ def blas_description():
                 break
     info["threads"] = threads or os.cpu_count()
     return info
+
+
+def set_blas_threads(threads):
+    """Limit the BLAS that NumPy uses to ``threads`` threads (needs threadpoolctl, or the
+    environment variable OPENBLAS_NUM_THREADS / MKL_NUM_THREADS set before starting)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        sys.exit("--threads needs threadpoolctl (pip install threadpoolctl); or set "
+                 "OPENBLAS_NUM_THREADS / MKL_NUM_THREADS before running")
+    threadpool_limits(limits=threads, user_api="blas")
 
 
 def cpu_model():
@@ -295,11 +312,21 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/ops-<device>.json)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--only", default=None, help="run only the ops whose name contains this text")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="BLAS threads (and as many for torch); default: what the BLAS uses now")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: process CPU time, with --threads 1 a measure that ignores time spent "
+                             "waiting for a core that other programs hold (CPU only)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 15)
     warmup = 1 if args.quick else 2
     md.backend.check_device(args.device)
 
+    if args.threads is not None:
+        set_blas_threads(args.threads)
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        parser.error("--clock cpu needs --device cpu and --threads 1 (CPU time adds up the threads)")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     blas = blas_description()
     frameworks = [Minidense(args.device)]
     use_torch = torch is not None and (args.device == "cpu" or torch.cuda.is_available())
@@ -311,15 +338,16 @@ def main(argv=None):
           + (f"PyTorch {torch.__version__} on {args.device}" if use_torch
              else "no PyTorch (not importable)" if torch is None else f"no PyTorch (this torch has no {args.device})"))
     print(f"{machine['cpu']}, {machine['cpu_count']} CPUs; NumPy {np.__version__}, "
-          f"BLAS {blas.get('name')} {blas.get('version')} with {blas['threads']} threads"
-          + (f"; torch set to {torch.get_num_threads()} threads to match" if use_torch else ""))
-    print(f"float32; median of {repeats} interleaved calls after {warmup} warm-up; ratio = minidense / torch\n")
+          f"BLAS {blas.get('name')} {blas.get('version')} with {blas['threads']} thread(s)"
+          + (f"; torch set to {torch.get_num_threads()} to match" if use_torch else ""))
+    print(f"float32; {'CPU' if args.clock == 'cpu' else 'wall'} time, median of {repeats} interleaved calls "
+          f"after {warmup} warm-up; ratio = minidense / torch\n")
 
     cases = [c for c in CASES if args.only is None or args.only in c[0]]
     load_before = os.getloadavg()
     results = []
     for case in cases:
-        results.append(run_case(case, frameworks, repeats, warmup))
+        results.append(run_case(case, frameworks, repeats, warmup, clock))
     load_after = os.getloadavg()
     print_table(results, use_torch)
     print(f"\nload average (1 min) {load_before[0]:.2f} before the run, {load_after[0]:.2f} after, on "
@@ -328,10 +356,13 @@ def main(argv=None):
 
     payload = {"benchmark": "benchmarks/ops.py",
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine, "settings": {"repeats": repeats, "warmup": warmup, "dtype": "float32"},
+               "machine": machine,
+               "settings": {"repeats": repeats, "warmup": warmup, "dtype": "float32", "clock": args.clock},
                "load_average_1min": {"before": load_before[0], "after": load_after[0]},
                "results": results}
-    path = args.json or RESULTS_DIR / f"ops-{args.device}.json"
+    name = f"ops-{args.device}" + (f"-{args.threads}thread" if args.threads else "") + (
+        "-cputime" if args.clock == "cpu" else "")
+    path = args.json or RESULTS_DIR / f"{name}.json"
     write_json_atomically(path, payload)
     print(f"\nwrote {path}")
 
