@@ -221,3 +221,19 @@ def test_tiny_densenet_bc_learns_real_cifar10(tmp_path, monkeypatch):
           f"{[round(r['test_acc'], 2) for r in rows]} in {time.perf_counter() - started:.1f} s")
     assert rows[-1]["test_acc"] > 20.0
     assert json.loads(json.dumps(rows))   # plain JSON throughout
+
+
+@pytest.mark.parametrize("name,argv,expected", [
+    ("cifar10-jpeg", [], train.CPU_EPOCHS),          # CIFAR-10 on a CPU: a short run
+    ("digits", [], train.DEMO_EPOCHS),                # the offline demo
+    ("cifar10-jpeg", ["--epochs", "3"], 3),          # an explicit choice always wins
+    ("cifar10-jpeg", ["--recipe", "densenet"], 300),  # so does a recipe
+])
+def test_default_epochs_follow_data_and_device(name, argv, expected, monkeypatch, tmp_path):
+    digits = data.Digits(train=True)
+    fake = data.ImageDataset(digits.images[:256], digits.labels[:256], digits.classes, f"{name}/train",
+                             "a test stand-in")
+    monkeypatch.setattr(data, "open_datasets", lambda *a, **k: (fake, fake))
+    settings = train.resolve_args(train.build_parser().parse_args(
+        argv + ["--device", "cpu", "--batch-size", "64", "--out", str(tmp_path), "--no-plot"]))
+    assert train.TrainingRun(settings, log=lambda *a: None).epochs == expected
