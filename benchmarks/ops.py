@@ -7,9 +7,10 @@
 
 For each op and shape: forward alone (under no_grad) and forward + backward (leaf
 inputs, a fixed upstream gradient; the leaves' .grad is cleared before each call),
-float32.  The two frameworks alternate call by call, so that noise from other
-programs on the machine hits both alike, and the median of ``--repeats`` calls after
-warm-up is reported (the minimum goes into the JSON too).  PyTorch gets as many
+float32.  The two frameworks take turns, so that noise from other programs on the
+machine hits both alike (each turn times the second of two calls: see
+``time_interleaved``), and the median of ``--repeats`` timed calls after warm-up is
+reported, with the ratio of the minimums beside it.  PyTorch gets as many
 threads as minidense's BLAS uses.  The ratio is minidense's time over PyTorch's.
 
 On a shared machine, ``--threads 1 --clock cpu`` gives figures that other programs
@@ -175,7 +176,13 @@ class Torch(Framework):
 
 
 def time_interleaved(calls, repeats, warmup, synchronize, clock=time.perf_counter):
-    """Milliseconds of each call, the calls alternating one after another."""
+    """Milliseconds of each call, the calls taking turns.
+
+    Each turn runs its call twice and times the second: a multithreaded library's
+    threads keep spinning for a while after a call (OpenMP's spin-wait), and would
+    otherwise slow down whichever framework runs next.  Within a model, consecutive
+    ops come from one framework, which is what the second call sees.
+    """
     for call, sync in zip(calls, synchronize):
         for _ in range(warmup):
             call()
@@ -183,6 +190,8 @@ def time_interleaved(calls, repeats, warmup, synchronize, clock=time.perf_counte
     times = [[] for _ in calls]
     for _ in range(repeats):
         for call, sync, record in zip(calls, synchronize, times):
+            call()
+            sync()
             start = clock()
             call()
             sync()
@@ -211,8 +220,9 @@ def run_case(case, frameworks, repeats, warmup, clock):
         for fw, ms in zip(frameworks, times):
             result.setdefault(fw.name, {})[mode] = summary(ms)
         if len(frameworks) == 2:
-            result.setdefault("ratio", {})[mode] = (result["minidense"][mode]["median_ms"]
-                                                    / result["torch"][mode]["median_ms"])
+            mine, theirs = result["minidense"][mode], result["torch"][mode]
+            result.setdefault("ratio", {})[mode] = mine["median_ms"] / theirs["median_ms"]
+            result.setdefault("ratio_of_minimums", {})[mode] = mine["min_ms"] / theirs["min_ms"]
     return result
 
 
@@ -279,15 +289,22 @@ def machine_description(device, blas):
 
 
 def print_table(results, has_torch):
-    header = f"{'op':<11} {'shape':<48} {'fwd ms':>8} {'torch':>8} {'ratio':>6}   {'f+b ms':>8} {'torch':>8} {'ratio':>6}  goal"
+    """Medians and their ratio, then the ratio of the minimums ("min"): on a busy machine
+    the minimum is the better estimate of what each framework needs undisturbed."""
+    header = (f"{'op':<11} {'shape':<48} {'fwd ms':>8} {'torch':>8} {'ratio':>6} {'min':>6}   "
+              f"{'f+b ms':>8} {'torch':>8} {'ratio':>6} {'min':>6}  goal")
     print(header)
     print("-" * len(header))
     for r in results:
         cells = []
         for mode in ("forward", "forward_backward"):
-            mine = r["minidense"][mode]["median_ms"]
-            theirs = r["torch"][mode]["median_ms"] if has_torch else None
-            cells.append(f"{mine:8.2f} " + (f"{theirs:8.2f} {mine / theirs:5.2f}x" if has_torch else f"{'-':>8} {'-':>6}"))
+            mine = r["minidense"][mode]
+            if has_torch:
+                theirs = r["torch"][mode]
+                cells.append(f"{mine['median_ms']:8.2f} {theirs['median_ms']:8.2f} "
+                             f"{r['ratio'][mode]:5.2f}x {r['ratio_of_minimums'][mode]:5.2f}x")
+            else:
+                cells.append(f"{mine['median_ms']:8.2f} {'-':>8} {'-':>6} {'-':>6}")
         goal = ""
         if r["goal_ratio"] and has_torch:
             met = r["ratio"]["forward_backward"] <= r["goal_ratio"]
