@@ -233,3 +233,14 @@ def test_cuda_im2col_and_col2im_kernels_match_the_numpy_layout(case):
         image = col2im(grad_col, case.x.shape, case.stride, case.padding)
     np.testing.assert_array_equal(col, expected_col)
     np.testing.assert_allclose(image, expected_image, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [(2, 2), (3, 3), (2, 3)])
+def test_pooling_windows_that_tile_the_image(kernel):
+    """The reshape / strided-add fast path (kernel == stride, no padding, sizes divisible)."""
+    x = np.random.default_rng(3).permutation(2 * 3 * 6 * 6).reshape(2, 3, 6, 6) * 0.1
+    for md_pool, reduce, pad in ((md.max_pool2d, np.max, -np.inf), (md.avg_pool2d, np.mean, 0.0)):
+        np.testing.assert_allclose(md_pool(dev(x), kernel).numpy(),
+                                   naive_pool(x, kernel, kernel, (0, 0), reduce, pad), rtol=1e-12)
+        t = md.tensor(x, requires_grad=True, device=TEST_DEVICE)
+        assert md.gradcheck(lambda t: md_pool(t, kernel), [t])
