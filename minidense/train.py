@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -362,9 +363,15 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0])
 
 
-def choose_device(name: str) -> str:
+def choose_device(name: str, log=print) -> str:
     if name == "auto":
-        return "cuda" if md.cuda_available() else "cpu"
+        if md.cuda_available():
+            return "cuda"
+        if shutil.which("nvidia-smi"):
+            log("note: this machine has an NVIDIA GPU but CuPy cannot use it, so training runs on "
+                "the CPU; install the CuPy wheel for your CUDA version (nvidia-smi shows it): "
+                "pip install cupy-cuda12x (CUDA 12) or cupy-cuda13x (CUDA 13)")
+        return "cpu"
     return backend.check_device(name)
 
 
@@ -389,7 +396,7 @@ class TrainingRun:
     def __init__(self, settings: dict, log=print, normalization=None):
         self.settings = settings = dict(settings)
         self.log = log
-        self.device = choose_device(settings["device"])
+        self.device = choose_device(settings["device"], log)
         train_set, test_set = data.open_datasets(settings["data"], log=log,
                                                  workers=settings["workers"] or None)
         settings["data_used"] = train_set.source

@@ -237,3 +237,11 @@ def test_default_epochs_follow_data_and_device(name, argv, expected, monkeypatch
     settings = train.resolve_args(train.build_parser().parse_args(
         argv + ["--device", "cpu", "--batch-size", "64", "--out", str(tmp_path), "--no-plot"]))
     assert train.TrainingRun(settings, log=lambda *a: None).epochs == expected
+
+
+def test_auto_device_explains_an_unusable_gpu(monkeypatch):
+    messages = []
+    monkeypatch.setattr(md, "cuda_available", lambda: False)
+    monkeypatch.setattr(train.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    assert train.choose_device("auto", messages.append) == "cpu"
+    assert "cupy-cuda12x" in messages[0] and "cupy-cuda13x" in messages[0]
