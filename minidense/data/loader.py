@@ -45,13 +45,22 @@ def random_crop_flip(images, offsets, flips, pad: int = 4):
     return padded[xp.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def normalize(images, mean, std, dtype=np.float32):
-    """uint8 NHWC -> ``dtype`` NCHW, ``(x / 255 - mean) / std`` per channel."""
-    xp = backend.get_array_module(images)
+def normalization_constants(mean, std, xp=np, dtype=np.float32):
+    """Per-channel ``(scale, shift)``, shaped (C, 1, 1), made with ``xp`` in ``dtype``,
+    such that ``x * scale + shift == (x / 255 - mean) / std`` for pixel values x."""
     mean = np.asarray(mean, dtype=np.float64)
     std = np.asarray(std, dtype=np.float64)
     scale = xp.asarray(1.0 / (255.0 * std), dtype=dtype).reshape(-1, 1, 1)
     shift = xp.asarray(-mean / std, dtype=dtype).reshape(-1, 1, 1)
+    return scale, shift
+
+
+def normalize(images, mean, std, dtype=np.float32, constants=None):
+    """uint8 NHWC -> ``dtype`` NCHW, ``(x / 255 - mean) / std`` per channel.
+    ``constants``: ``normalization_constants(mean, std)`` already on the device of
+    ``images`` (the loader makes them once rather than copying them every batch)."""
+    xp = backend.get_array_module(images)
+    scale, shift = constants if constants is not None else normalization_constants(mean, std, xp, dtype)
     out = xp.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(dtype)
     out *= scale
     out += shift
@@ -94,6 +103,8 @@ class DataLoader:
         self.std = np.ones(channels) if std is None else np.asarray(std, dtype=np.float64)
         self.device = backend.check_device(device)
         self.seed, self.prefetch, self.dtype = seed, prefetch, dtype
+        self.xp = backend.array_module(self.device)
+        self.normalization = normalization_constants(self.mean, self.std, self.xp, dtype)
         self.epoch = 0
 
     def __len__(self):
@@ -101,25 +112,27 @@ class DataLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def plan(self, epoch: int):
-        """The epoch's image order, crop offsets and flips, from (seed, epoch) alone."""
+        """The epoch's image order (host), and its labels, crop offsets and flips in
+        that order, from (seed, epoch) alone.  Labels, offsets and flips go to the
+        device here, once per epoch, so that a batch copies only its images."""
         n = len(self.dataset)
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
-        offsets, flips = augmentation_parameters(rng, n, self.pad) if self.augment else (None, None)
-        return order, offsets, flips
+        labels = self.xp.asarray(self.dataset.labels[order])
+        offsets = flips = None
+        if self.augment:
+            offsets, flips = map(self.xp.asarray, augmentation_parameters(rng, n, self.pad))
+        return order, labels, offsets, flips
 
     def make_batch(self, plan, index: int):
         """Batch ``index`` of an epoch's ``plan``, as (images, labels) Tensors on the device."""
-        order, offsets, flips = plan
+        order, labels, offsets, flips = plan
         picked = slice(index * self.batch_size, (index + 1) * self.batch_size)
-        chosen = order[picked]
-        xp = backend.array_module(self.device)
-        images = xp.asarray(self.dataset.images[chosen])          # the one host-to-device copy
+        images = self.xp.asarray(self.dataset.images[order[picked]])   # the one copy per batch
         if self.augment:
             images = random_crop_flip(images, offsets[picked], flips[picked], self.pad)
-        images = normalize(images, self.mean, self.std, self.dtype)
-        labels = xp.asarray(self.dataset.labels[chosen])
-        return Tensor(images), Tensor(labels)
+        images = normalize(images, self.mean, self.std, self.dtype, self.normalization)
+        return Tensor(images), Tensor(labels[picked])
 
     def iterate(self, epoch: int, start: int = 0):
         """The batches of ``epoch``, from batch ``start`` on."""
