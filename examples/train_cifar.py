@@ -21,9 +21,9 @@ def evaluate(model, loader):
     with md.no_grad():
         for images, labels in loader:
             predictions = model(images).argmax(axis=1)
-            correct += int((predictions == labels).numpy().sum())
+            correct = correct + (predictions == labels).sum()   # a device scalar: no wait
             seen += len(labels)
-    return 100.0 * correct / seen
+    return 100.0 * correct.item() / seen
 
 
 def main():
@@ -78,15 +78,19 @@ def main():
             optimizer.step()
             scheduler.step()
 
-            loss_sum += loss.item() * len(labels)
-            correct += int((logits.argmax(axis=1) == labels).numpy().sum())
+            # Sums stay on the device; reading them every step would make the host
+            # wait for the GPU and stall the batch pipeline.
+            with md.no_grad():
+                loss_sum = loss_sum + loss * len(labels)
+                correct = correct + (logits.argmax(axis=1) == labels).sum()
             seen += len(labels)
-        elapsed = time.perf_counter() - start
+        train_loss, train_accuracy = loss_sum.item() / seen, 100.0 * correct.item() / seen
+        elapsed = time.perf_counter() - start           # after .item(): the GPU has finished
 
         # 5. Evaluation on the test set after every epoch.
         test_accuracy = evaluate(model, test_loader)
-        print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss_sum / seen:.4f}, "
-              f"train accuracy {100.0 * correct / seen:.2f}%, test accuracy {test_accuracy:.2f}%, "
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, "
+              f"train accuracy {train_accuracy:.2f}%, test accuracy {test_accuracy:.2f}%, "
               f"lr {optimizer.param_groups[0]['lr']:.4f}, {seen / elapsed:.0f} images/s")
 
     # 6. The weights, as an .npz that md.load reads back (no pickle).
