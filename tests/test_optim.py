@@ -17,28 +17,28 @@ def make_problem(seed=0):
     return params, grads
 
 
-def run_minidense(make_optimizer, params, grads):
-    tensors = [md.nn.Parameter(p.copy()) for p in params]
+def run_steps(make_optimizer, params, grads, as_parameter, as_gradient, to_numpy):
+    """Set each step's gradients and step; the parameters after every step, as NumPy."""
+    tensors = [as_parameter(p.copy()) for p in params]
     opt = make_optimizer(tensors)
     history = []
     for step_grads in grads:
         for t, g in zip(tensors, step_grads):
-            t.grad = md.tensor(g.copy())
+            t.grad = as_gradient(g.copy())
         opt.step()
-        history.append([t.numpy() for t in tensors])
+        history.append([to_numpy(t) for t in tensors])
     return history
+
+
+def run_minidense(make_optimizer, params, grads):
+    return run_steps(make_optimizer, params, grads, md.nn.Parameter, md.tensor,
+                     lambda t: t.numpy())
 
 
 def run_torch(torch, make_optimizer, params, grads):
-    tensors = [torch.tensor(p.copy(), requires_grad=True) for p in params]
-    opt = make_optimizer(tensors)
-    history = []
-    for step_grads in grads:
-        for t, g in zip(tensors, step_grads):
-            t.grad = torch.tensor(g.copy())
-        opt.step()
-        history.append([t.detach().numpy().copy() for t in tensors])
-    return history
+    return run_steps(make_optimizer, params, grads,
+                     lambda p: torch.tensor(p, requires_grad=True), torch.tensor,
+                     lambda t: t.detach().numpy().copy())
 
 
 OPTIMIZERS = {
