@@ -33,7 +33,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -317,11 +316,9 @@ def print_table(results, has_torch):
 def write_json_atomically(path, payload):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with md.io.atomic_write(path, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None):
