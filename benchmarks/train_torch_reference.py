@@ -214,7 +214,7 @@ def main(argv=None):
         rows.append(row)
         print(f"{row['epoch']:5d} {row['train_loss']:10.4f} {row['train_acc']:8.2f}% "
               f"{row['test_acc']:7.2f}% {row['images_per_s']:7.0f} {train_time:6.0f}s", flush=True)
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        train.write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows).encode())
     print(f"metrics: {out}")
 
 
