@@ -242,3 +242,18 @@ def test_load_state_dict_rejects_another_model():
     opt_a.step()
     with pytest.raises(ValueError, match="shape"):
         optim.SGD(b, lr=0.1, momentum=0.9).load_state_dict(opt_a.state_dict())
+
+
+def test_warmup_schedule_restores_the_rates_of_its_inner_schedules():
+    """A resumed warm-up + cosine schedule follows the saved base rates, not the ones the
+    new optimizer happened to be built with."""
+    from minidense import optim
+    saved_opt = optim.SGD([md.nn.Parameter(np.zeros(2, np.float32))], lr=0.4)
+    saved = optim.lr_scheduler.warmup_then(
+        saved_opt, optim.lr_scheduler.CosineAnnealingLR(saved_opt, T_max=10), 3)
+    fresh_opt = optim.SGD([md.nn.Parameter(np.zeros(2, np.float32))], lr=0.1)
+    fresh = optim.lr_scheduler.warmup_then(
+        fresh_opt, optim.lr_scheduler.CosineAnnealingLR(fresh_opt, T_max=10), 3)
+    fresh.load_state_dict(saved.state_dict())
+    for step in (0, 2, 5, 9):
+        assert fresh.lrs_at(step) == saved.lrs_at(step)

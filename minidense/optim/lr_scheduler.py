@@ -99,7 +99,7 @@ class LinearLR(LRScheduler):
     def __init__(self, optimizer, start_factor: float = 1 / 3, end_factor: float = 1.0,
                  total_iters: int = 5):
         if not 0 < start_factor <= 1 or not 0 <= end_factor <= 1:
-            raise ValueError(f"LinearLR: factors must be in (0, 1], got start_factor="
+            raise ValueError(f"LinearLR: start_factor must be in (0, 1] and end_factor in [0, 1], got start_factor="
                              f"{start_factor}, end_factor={end_factor}")
         self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
         super().__init__(optimizer)
@@ -122,6 +122,11 @@ class SequentialLR(LRScheduler):
             raise ValueError("SequentialLR: every scheduler must drive the same optimizer")
         self.schedulers, self.milestones = list(schedulers), [int(m) for m in milestones]
         super().__init__(optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for scheduler in self.schedulers:  # the rates come from the inner schedules
+            scheduler.base_lrs = list(self.base_lrs)
 
     def lrs_at(self, step):
         stage = bisect.bisect_right(self.milestones, step)
