@@ -141,11 +141,12 @@ def write_image_tree(root, fmt="png", per_class=(3, 2), size=8, seed=0):
     return written
 
 
-def zip_tree(root, target):
+def zip_tree(root, target, folder=""):
+    """Zip the tree; with ``folder``, inside that one top-level folder (as `zip -r` does)."""
     with zipfile.ZipFile(target, "w") as archive:
         for path in sorted(root.rglob("*")):
             if path.is_file():
-                archive.write(path, path.relative_to(root).as_posix())
+                archive.write(path, folder + path.relative_to(root).as_posix())
     return target
 
 
@@ -156,11 +157,12 @@ def expected_split(written, split):
             np.array([classes.index(k.split("/")[1]) for k in keys]))
 
 
-@pytest.mark.parametrize("as_zip", [False, True], ids=["folder", "zip"])
+@pytest.mark.parametrize("as_zip", [False, True, "cifar/"], ids=["folder", "zip", "zip-of-a-folder"])
 def test_image_folder_reads_png_trees(tmp_path, as_zip):
     tree = tmp_path / "tree"
     written = write_image_tree(tree)
-    source = zip_tree(tree, tmp_path / "tree.zip") if as_zip else tree
+    folder = as_zip if isinstance(as_zip, str) else ""
+    source = zip_tree(tree, tmp_path / "tree.zip", folder) if as_zip else tree
     for split, train in (("train", True), ("test", False)):
         ds = data.ImageFolder(source, train=train, workers=1)
         images, labels = expected_split(written, split)

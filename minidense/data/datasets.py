@@ -247,9 +247,12 @@ def _list_images(path: Path, split: str):
         names = [p.relative_to(path).as_posix() for p in (path / split).rglob("*") if p.is_file()]
     else:
         raise FileNotFoundError(f"ImageFolder: {path} is neither a folder nor a .zip file")
+    # A zip made from a folder holds <folder>/train/...: look inside that one folder.
+    tops = {name.split("/")[0] for name in names}
+    skip = 1 if len(tops) == 1 and not tops & {"train", "test"} else 0
     found = []
     for name in names:
-        parts = name.split("/")
+        parts = name.split("/")[skip:]
         if len(parts) == 3 and parts[0] == split and parts[2].lower().endswith(IMAGE_SUFFIXES):
             found.append((name, parts[1]))
     return sorted(found)
