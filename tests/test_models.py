@@ -2,13 +2,19 @@
 counts against the published tables, output shapes, float64 gradient checks end to
 end, batch-norm behaviour, and PyTorch twins of the models."""
 import math
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import minidense as md
 from minidense import models
+
+# benchmarks/torch_twins.py holds the PyTorch twins; it imports torch, so the tests that
+# use it import it after pytest.importorskip("torch").
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 # ---------------------------------------------------------------------------
 # md.nn: registration, traversal, modes, state, hooks and initialisation
@@ -394,155 +400,33 @@ def test_running_statistics_converge_to_the_data_statistics():
 
 
 # ---------------------------------------------------------------------------
-# PyTorch twins: the same architectures written with torch.nn, with the same module
-# names, so that minidense's state dict loads into them directly.
+# PyTorch twins (benchmarks/torch_twins.py): the same architectures written with
+# torch.nn, with the same module names, so that minidense's state dict loads into
+# them directly.
 # ---------------------------------------------------------------------------
-def torch_densenet(torch, blocks, k, bottleneck, theta, stem_channels, imagenet, classes):
-    nn = torch.nn
-
-    def composite(c_in, c_out, kernel, index):
-        return [(f"norm{index}", nn.BatchNorm2d(c_in)), (f"relu{index}", nn.ReLU()),
-                (f"conv{index}", nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False))]
-
-    class Block(nn.Module):
-        def __init__(self, n, c):
-            super().__init__()
-            for i in range(n):
-                parts = (composite(c + i * k, 4 * k, 1, 1) + composite(4 * k, k, 3, 2) if bottleneck
-                         else composite(c + i * k, k, 3, 1))
-                self.add_module(f"layer{i + 1}", nn.Sequential(OrderedDict(parts)))
-
-        def forward(self, x):
-            for layer in self.children():
-                x = torch.cat([x, layer(x)], dim=1)
-            return x
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            if imagenet:
-                self.stem = nn.Sequential(OrderedDict(
-                    conv=nn.Conv2d(3, stem_channels, 7, 2, 3, bias=False), norm=nn.BatchNorm2d(stem_channels),
-                    relu=nn.ReLU(), pool=nn.MaxPool2d(3, 2, 1)))
-            else:
-                self.stem = nn.Conv2d(3, stem_channels, 3, padding=1, bias=False)
-            c = stem_channels
-            for b, n in enumerate(blocks, start=1):
-                self.add_module(f"block{b}", Block(n, c))
-                c += n * k
-                if b < len(blocks):
-                    out = math.floor(theta * c)
-                    self.add_module(f"transition{b}", nn.Sequential(OrderedDict(
-                        composite(c, out, 1, "") + [("pool", nn.AvgPool2d(2))])))
-                    c = out
-            self.classifier = nn.Sequential(OrderedDict(
-                norm=nn.BatchNorm2d(c), relu=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
-                flatten=nn.Flatten(), fc=nn.Linear(c, classes)))
-
-        def forward(self, x):
-            for module in self.children():
-                x = module(x)
-            return x
-
-    return Net()
-
-
-def torch_resnet(torch, bottleneck, blocks, widths, imagenet, shortcut, classes, stride_in_3x3=False):
-    nn, F = torch.nn, torch.nn.functional
-    expansion = 4 if bottleneck else 1
-
-    class ZeroPad(nn.Module):
-        def __init__(self, c_out, stride):
-            super().__init__()
-            self.c_out, self.stride = c_out, stride
-
-        def forward(self, x):
-            x = x[:, :, ::self.stride, ::self.stride]
-            return F.pad(x, (0, 0, 0, 0, 0, self.c_out - x.shape[1]))
-
-    class Block(nn.Module):
-        def __init__(self, c_in, width, stride):
-            super().__init__()
-            c_out = width * expansion
-            if bottleneck:
-                s1, s2 = (1, stride) if stride_in_3x3 else (stride, 1)
-                self.conv1, self.bn1 = nn.Conv2d(c_in, width, 1, s1, bias=False), nn.BatchNorm2d(width)
-                self.conv2 = nn.Conv2d(width, width, 3, s2, 1, bias=False)
-                self.bn2 = nn.BatchNorm2d(width)
-                self.conv3, self.bn3 = nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out)
-            else:
-                self.conv1 = nn.Conv2d(c_in, width, 3, stride, 1, bias=False)
-                self.bn1 = nn.BatchNorm2d(width)
-                self.conv2, self.bn2 = nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
-            if stride == 1 and c_in == c_out:
-                self.shortcut = nn.Identity()
-            elif shortcut == "A":
-                self.shortcut = ZeroPad(c_out, stride)
-            else:
-                self.shortcut = nn.Sequential(OrderedDict(
-                    conv=nn.Conv2d(c_in, c_out, 1, stride, bias=False), norm=nn.BatchNorm2d(c_out)))
-
-        def forward(self, x):
-            y = F.relu(self.bn1(self.conv1(x)))
-            if bottleneck:
-                y = F.relu(self.bn2(self.conv2(y)))
-                y = self.bn3(self.conv3(y))
-            else:
-                y = self.bn2(self.conv2(y))
-            return F.relu(y + self.shortcut(x))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            if imagenet:
-                c = 64
-                self.stem = nn.Sequential(OrderedDict(
-                    conv=nn.Conv2d(3, c, 7, 2, 3, bias=False), norm=nn.BatchNorm2d(c), relu=nn.ReLU(),
-                    pool=nn.MaxPool2d(3, 2, 1)))
-            else:
-                c = widths[0]
-                self.stem = nn.Sequential(OrderedDict(
-                    conv=nn.Conv2d(3, c, 3, 1, 1, bias=False), norm=nn.BatchNorm2d(c), relu=nn.ReLU()))
-            for s, (n, width) in enumerate(zip(blocks, widths), start=1):
-                stage = OrderedDict()
-                for b in range(n):
-                    stage[f"block{b + 1}"] = Block(c, width, 2 if s > 1 and b == 0 else 1)
-                    c = width * expansion
-                self.add_module(f"stage{s}", nn.Sequential(stage))
-            self.classifier = nn.Sequential(OrderedDict(
-                pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(c, classes)))
-
-        def forward(self, x):
-            for module in self.children():
-                x = module(x)
-            return x
-
-    return Net()
-
-
 TWINS = {
     "densenet-bc L=10 k=4": (
         lambda: models.densenet_cifar(10, 4, bottleneck=True, compression=0.5),
-        lambda torch: torch_densenet(torch, (1, 1, 1), 4, True, 0.5, 8, False, 10), 8),
+        lambda twins: twins.densenet((1, 1, 1), 4, True, 0.5, 8, False, 10), 8),
     "densenet L=10 k=3": (
         lambda: models.densenet_cifar(10, 3),
-        lambda torch: torch_densenet(torch, (2, 2, 2), 3, False, 1.0, 16, False, 10), 8),
+        lambda twins: twins.densenet((2, 2, 2), 3, False, 1.0, 16, False, 10), 8),
     "densenet-bc imagenet stem": (
         lambda: models.DenseNet((1, 2), 4, True, 0.5, 8, "imagenet", num_classes=5),
-        lambda torch: torch_densenet(torch, (1, 2), 4, True, 0.5, 8, True, 5), 16),
+        lambda twins: twins.densenet((1, 2), 4, True, 0.5, 8, True, 5), 16),
     "resnet-8 option A": (
         lambda: models.resnet_cifar(8, shortcut="A"),
-        lambda torch: torch_resnet(torch, False, (1, 1, 1), (16, 32, 64), False, "A", 10), 8),
+        lambda twins: twins.resnet(False, (1, 1, 1), (16, 32, 64), False, "A", 10), 8),
     "resnet-8 option B": (
         lambda: models.resnet_cifar(8, shortcut="B"),
-        lambda torch: torch_resnet(torch, False, (1, 1, 1), (16, 32, 64), False, "B", 10), 8),
+        lambda twins: twins.resnet(False, (1, 1, 1), (16, 32, 64), False, "B", 10), 8),
     "bottleneck resnet imagenet stem": (
         lambda: models.ResNet(models.Bottleneck, (1, 2), (4, 8), "imagenet", num_classes=5),
-        lambda torch: torch_resnet(torch, True, (1, 2), (4, 8), True, "B", 5), 16),
+        lambda twins: twins.resnet(True, (1, 2), (4, 8), True, "B", 5), 16),
     "bottleneck resnet, stride in 3x3": (
         lambda: models.ResNet(models.Bottleneck, (1, 1), (4, 8), "imagenet", num_classes=5,
                               stride_in_3x3=True),
-        lambda torch: torch_resnet(torch, True, (1, 1), (4, 8), True, "B", 5, stride_in_3x3=True), 16),
+        lambda twins: twins.resnet(True, (1, 1), (4, 8), True, "B", 5, stride_in_3x3=True), 16),
 }
 
 
@@ -550,9 +434,10 @@ TWINS = {
 @pytest.mark.parametrize("case", sorted(TWINS))
 def test_same_logits_and_gradients_as_the_pytorch_twin(case):
     torch = pytest.importorskip("torch")
+    import torch_twins
     build_ours, build_theirs, size = TWINS[case]
     ours = build_ours().double()
-    theirs = build_theirs(torch).double()
+    theirs = build_theirs(torch_twins).double()
     state = {k: torch.from_numpy(v) for k, v in ours.state_dict().items()}
     missing, unexpected = theirs.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
