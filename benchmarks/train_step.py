@@ -1,0 +1,291 @@
+"""Time a whole training step of the CIFAR models against PyTorch, side by side in the same run.
+
+    python benchmarks/train_step.py                        # CPU: 4 models, batch 64 and 128
+    python benchmarks/train_step.py --models resnet20 --batch-sizes 32 --steps 10
+    python benchmarks/train_step.py --device cuda          # minidense on CuPy, PyTorch on CUDA
+
+A step is what a training loop does for one batch: forward, cross-entropy,
+zero_grad, backward and an SGD step with momentum 0.9, in float32 and training mode,
+on random data of CIFAR's shape (3x32x32, 10 classes).  PyTorch runs the twin of each
+model (benchmarks/torch_twins.py: the same architecture and module names) loaded with
+minidense's initial weights, so both start from identical networks; the logits of one
+batch are compared once before timing.  The two frameworks take turns step by step, so
+that other programs on the machine slow both alike, and the median of the timed steps
+after warm-up is reported with the ratio of the minimums beside it (see
+benchmarks/ops.py).  PyTorch gets as many threads as minidense's BLAS uses.  The ratio
+is minidense's step time over PyTorch's.
+
+Peak memory is reported on CUDA only: the high-water mark of CuPy's memory pool
+(``total_bytes``, read after every step) against torch.cuda.max_memory_allocated and
+max_memory_reserved.  On the CPU one process holds both frameworks, so its peak
+resident size says nothing about either.  Results also go to a JSON file
+(``benchmarks/results/train-step-<device>.json`` unless ``--json`` says otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS_DIR))
+from ops import (RESULTS_DIR, blas_description, machine_description, summary, torch,  # noqa: E402
+                 write_json_atomically)
+
+import minidense as md  # noqa: E402  (ops put the repository on the path)
+
+if torch is not None:
+    import torch_twins
+
+MODELS = ("resnet20", "resnet56", "densenet40_k12", "densenet_bc100_k12")
+DEFAULT_BATCH_SIZES = {"cpu": "64,128", "cuda": "64,256"}
+# Timed steps per framework unless --steps says otherwise: few for the DenseNets, whose
+# CPU steps take seconds, so that the default CPU run stays within about 5 minutes.
+DEFAULT_STEPS = {"cpu": {"resnet20": 5, "resnet56": 5, "densenet40_k12": 3, "densenet_bc100_k12": 3},
+                 "cuda": {}}
+DEFAULT_STEPS_ELSEWHERE = {"cpu": 3, "cuda": 20}
+NUM_CLASSES = 10
+LEARNING_RATE, MOMENTUM = 0.1, 0.9
+
+
+# ---------------------------------------------------------------------------
+# One framework each: a model, its optimizer, a batch on the device, and the step.
+# ---------------------------------------------------------------------------
+class MinidenseTrainer:
+    name = "minidense"
+
+    def __init__(self, model, device, images, labels):
+        self.model = model.to(device)
+        self.model.train()
+        self.optimizer = md.optim.SGD(self.model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+        self.images = md.tensor(images, device=device)
+        self.labels = md.tensor(labels, device=device)
+        self.xp = md.backend.get_array_module(next(iter(self.model.parameters())).data)
+        self.peak_bytes = 0
+
+    def step(self):
+        loss = md.cross_entropy(self.model(self.images), self.labels)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+    def logits(self):
+        with md.no_grad():
+            return md.backend.to_numpy(self.model(self.images).data)
+
+    def synchronize(self):
+        if self.xp is not np:  # CuPy: kernels run asynchronously
+            self.xp.cuda.Device().synchronize()
+            self.peak_bytes = max(self.peak_bytes, self.xp.get_default_memory_pool().total_bytes())
+
+    def reset_memory(self):
+        if self.xp is not np:
+            self.xp.get_default_memory_pool().free_all_blocks()
+
+    def memory(self):
+        return {"pool_total_bytes_peak": self.peak_bytes} if self.xp is not np else None
+
+
+class TorchTrainer:
+    name = "torch"
+
+    def __init__(self, model_name, minidense_model, device, images, labels):
+        twin = torch_twins.get(model_name)
+        state = {k: torch.from_numpy(v) for k, v in minidense_model.state_dict().items()}
+        missing, unexpected = twin.load_state_dict(state, strict=False)
+        if unexpected or not all(k.endswith("num_batches_tracked") for k in missing):
+            raise RuntimeError(f"the twin of {model_name} does not match: missing {missing}, "
+                               f"unexpected {unexpected}")
+        self.device = device
+        self.model = twin.to(device).train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+        self.images = torch.tensor(images, device=device)
+        self.labels = torch.tensor(labels, device=device)
+
+    def step(self):
+        loss = torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+    def logits(self):
+        with torch.no_grad():
+            return self.model(self.images).cpu().numpy()
+
+    def synchronize(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def reset_memory(self):
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def memory(self):
+        if self.device != "cuda":
+            return None
+        return {"max_memory_allocated": torch.cuda.max_memory_allocated(),
+                "max_memory_reserved": torch.cuda.max_memory_reserved()}
+
+
+def time_steps(trainers, steps, warmup):
+    """Milliseconds of each timed step, the frameworks taking turns step by step.  (A
+    step takes far longer than the spin-wait of a library's threads that ops.py's
+    double calls guard against, so each turn is one step.)"""
+    for trainer in trainers:
+        for _ in range(warmup):
+            trainer.step()
+            trainer.synchronize()
+    times = [[] for _ in trainers]
+    for _ in range(steps):
+        for trainer, record in zip(trainers, times):
+            trainer.synchronize()
+            start = time.perf_counter()
+            trainer.step()
+            trainer.synchronize()
+            record.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def run_model(name, batch_size, device, use_torch, steps, warmup):
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch_size, 3, 32, 32), dtype=np.float32)
+    labels = rng.integers(0, NUM_CLASSES, batch_size)
+    model = md.models.get(name)
+    trainers = [MinidenseTrainer(model, device, images, labels)]
+    if use_torch:
+        trainers.append(TorchTrainer(name, model, device, images, labels))
+    result = {"model": name, "batch_size": batch_size, "parameters": model.num_parameters(),
+              "steps": steps, "warmup": warmup}
+    if use_torch:  # both start from the same weights: the same logits, up to float32 rounding
+        ours, theirs = (t.logits() for t in trainers)
+        difference = float(np.abs(ours - theirs).max())
+        result["logits_max_abs_difference"] = difference
+        result["logits_max_abs"] = float(np.abs(theirs).max())
+        print(f"  {name}, batch {batch_size}: logits agree to {difference:.1e} "
+              f"(largest logit {result['logits_max_abs']:.2f})", flush=True)
+    for trainer in trainers:
+        trainer.reset_memory()
+    times = time_steps(trainers, steps, warmup)
+    for trainer, ms in zip(trainers, times):
+        result[trainer.name] = summary(ms)
+        result[trainer.name]["images_per_s"] = batch_size / (result[trainer.name]["median_ms"] / 1e3)
+        result[trainer.name]["memory"] = trainer.memory()
+    if use_torch:
+        mine, theirs = result["minidense"], result["torch"]
+        result["ratio"] = mine["median_ms"] / theirs["median_ms"]
+        result["ratio_of_minimums"] = mine["min_ms"] / theirs["min_ms"]
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+def mebibytes(count):
+    return f"{count / 2**20:.0f}"
+
+
+def print_table(results, has_torch, device):
+    memory = device == "cuda"
+    header = (f"{'model':<19} {'batch':>5} {'steps':>5}   {'ms/step':>8} {'img/s':>7}   "
+              f"{'torch ms':>8} {'img/s':>7}   {'ratio':>6} {'min':>6}")
+    if memory:
+        header += f"   {'MiB pool':>8} {'torch alloc':>11} {'reserved':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        mine = r["minidense"]
+        line = (f"{r['model']:<19} {r['batch_size']:>5} {r['steps']:>5}   "
+                f"{mine['median_ms']:8.0f} {mine['images_per_s']:7.1f}   ")
+        if has_torch:
+            theirs = r["torch"]
+            line += (f"{theirs['median_ms']:8.0f} {theirs['images_per_s']:7.1f}   "
+                     f"{r['ratio']:5.2f}x {r['ratio_of_minimums']:5.2f}x")
+        else:
+            line += f"{'-':>8} {'-':>7}   {'-':>6} {'-':>6}"
+        if memory:
+            line += f"   {mebibytes(mine['memory']['pool_total_bytes_peak']):>8}"
+            if has_torch:
+                theirs = r["torch"]["memory"]
+                line += (f" {mebibytes(theirs['max_memory_allocated']):>11} "
+                         f"{mebibytes(theirs['max_memory_reserved']):>8}")
+        print(line)
+    if not memory:
+        print("peak memory: n/a on the CPU (one process holds both frameworks)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated md.models names (default {','.join(MODELS)})")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="comma-separated batch sizes (default 64,128 on cpu, 64,256 on cuda)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per framework (default on cpu: 5 for the ResNets, 3 for the "
+                             "DenseNets; 20 on cuda)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on cpu, 3 on cuda)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", default=None,
+                        help="where to write the results (default benchmarks/results/train-step-<device>.json)")
+    args = parser.parse_args(argv)
+    md.backend.check_device(args.device)
+    model_names = [m.strip() for m in args.models.split(",") if m.strip()]
+    for name in model_names:
+        if name not in md.models.names:
+            parser.error(f"unknown model {name!r}; choose among {', '.join(md.models.names)}")
+    batch_sizes = [int(b) for b in (args.batch_sizes or DEFAULT_BATCH_SIZES[args.device]).split(",")]
+    warmup = args.warmup if args.warmup is not None else (1 if args.device == "cpu" else 3)
+
+    blas = blas_description()
+    use_torch = torch is not None and (args.device == "cpu" or torch.cuda.is_available())
+    if use_torch:
+        missing = [n for n in model_names if n not in torch_twins.CIFAR]
+        if missing:
+            parser.error(f"no PyTorch twin for {', '.join(missing)} (CIFAR models only)")
+        torch.set_num_threads(blas["threads"])
+    machine = machine_description(args.device, blas)
+    print(f"minidense on {'NumPy' if args.device == 'cpu' else 'CuPy'} vs "
+          + (f"PyTorch {torch.__version__} on {args.device}" if use_torch
+             else "no PyTorch (not importable)" if torch is None else f"no PyTorch (this torch has no {args.device})"))
+    print(f"{machine['cpu']}, {machine['cpu_count']} CPUs; NumPy {np.__version__}, "
+          f"BLAS {blas.get('name')} {blas.get('version')} with {blas['threads']} thread(s)"
+          + (f"; torch set to {torch.get_num_threads()} to match" if use_torch else "")
+          + (f"; GPU {machine['gpu']}, CuPy {machine['cupy']}" if args.device == "cuda" else ""))
+    print(f"float32, training mode, SGD momentum {MOMENTUM}; wall time per step (forward, cross-entropy, "
+          f"zero_grad, backward, update), median of the interleaved timed steps after {warmup} warm-up; "
+          f"ratio = minidense / torch\n")
+
+    load_before = os.getloadavg()
+    results = []
+    for name in model_names:
+        for batch_size in batch_sizes:
+            steps = args.steps or DEFAULT_STEPS[args.device].get(name, DEFAULT_STEPS_ELSEWHERE[args.device])
+            results.append(run_model(name, batch_size, args.device, use_torch, steps, warmup))
+    load_after = os.getloadavg()
+    print()
+    print_table(results, use_torch, args.device)
+    print(f"\nload average (1 min) {load_before[0]:.2f} before the run, {load_after[0]:.2f} after, on "
+          f"{os.cpu_count()} CPUs (a load before the run near the CPU count means other programs "
+          f"competed for the cores: rerun when quiet)")
+
+    payload = {"benchmark": "benchmarks/train_step.py",
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": machine,
+               "settings": {"dtype": "float32", "clock": "wall", "optimizer": "SGD",
+                            "learning_rate": LEARNING_RATE, "momentum": MOMENTUM, "warmup": warmup,
+                            "input": "random normal 3x32x32, random labels of 10 classes"},
+               "load_average_1min": {"before": load_before[0], "after": load_after[0]},
+               "results": results}
+    path = args.json or RESULTS_DIR / f"train-step-{args.device}.json"
+    write_json_atomically(path, payload)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
