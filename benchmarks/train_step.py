@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import statistics
 import sys
@@ -170,6 +171,7 @@ def run_model(name, batch_size, device, use_torch, steps, warmup):
         result["logits_max_abs"] = float(np.abs(theirs).max())
         print(f"  {name}, batch {batch_size}: logits agree to {difference:.1e} "
               f"(largest logit {result['logits_max_abs']:.2f})", flush=True)
+    gc.collect()  # the previous model's graph and buffers, so that the memory peaks are this model's
     for trainer in trainers:
         trainer.reset_memory()
     times = time_steps(trainers, steps, warmup)
