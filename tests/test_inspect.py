@@ -54,13 +54,12 @@ def test_imagenet_resnet_macs_match_the_papers_table(name):
 def test_summary_macs_equal_pytorchs_flop_count(name):
     torch = pytest.importorskip("torch")
     from torch.utils.flop_counter import FlopCounterMode
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     try:
-        from test_models import torch_densenet, torch_resnet
+        import torch_twins  # the PyTorch versions of the models, shared with the benchmarks
     finally:
         sys.path.pop(0)
-    twin = (torch_resnet(torch, False, (3, 3, 3), (16, 32, 64), False, "A", 10) if name == "resnet20"
-            else torch_densenet(torch, (12, 12, 12), 12, False, 1.0, 16, False, 10))
+    twin = torch_twins.get(name)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         twin.eval()(torch.zeros(1, 3, 32, 32))
