@@ -321,6 +321,22 @@ def write_json_atomically(path, payload):
         f.write("\n")
 
 
+def finish_run(benchmark, machine, settings, load_before, results, path):
+    """The closing lines of every benchmark: the load average around the run, then the
+    JSON (machine, settings, load, results), written atomically."""
+    load_after = os.getloadavg()
+    print(f"\nload average (1 min) {load_before[0]:.2f} before the run, {load_after[0]:.2f} after, on "
+          f"{os.cpu_count()} CPUs (a load before the run near the CPU count means other programs "
+          f"competed for the cores: rerun when quiet)")
+    payload = {"benchmark": benchmark,
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": machine, "settings": settings,
+               "load_average_1min": {"before": load_before[0], "after": load_after[0]},
+               "results": results}
+    write_json_atomically(path, payload)
+    print(f"\nwrote {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per framework (default 15, 5 with --quick)")
@@ -364,23 +380,12 @@ def main(argv=None):
     results = []
     for case in cases:
         results.append(run_case(case, frameworks, repeats, warmup, clock))
-    load_after = os.getloadavg()
     print_table(results, use_torch)
-    print(f"\nload average (1 min) {load_before[0]:.2f} before the run, {load_after[0]:.2f} after, on "
-          f"{os.cpu_count()} CPUs (a load before the run near the CPU count means other programs "
-          f"competed for the cores: rerun when quiet)")
-
-    payload = {"benchmark": "benchmarks/ops.py",
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine,
-               "settings": {"repeats": repeats, "warmup": warmup, "dtype": "float32", "clock": args.clock},
-               "load_average_1min": {"before": load_before[0], "after": load_after[0]},
-               "results": results}
     name = f"ops-{args.device}" + (f"-{args.threads}thread" if args.threads else "") + (
         "-cputime" if args.clock == "cpu" else "")
-    path = args.json or RESULTS_DIR / f"{name}.json"
-    write_json_atomically(path, payload)
-    print(f"\nwrote {path}")
+    finish_run("benchmarks/ops.py", machine,
+               {"repeats": repeats, "warmup": warmup, "dtype": "float32", "clock": args.clock},
+               load_before, results, args.json or RESULTS_DIR / f"{name}.json")
 
 
 if __name__ == "__main__":

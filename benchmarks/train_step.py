@@ -24,10 +24,8 @@ resident size says nothing about either.  Results also go to a JSON file
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,8 +34,8 @@ import numpy as np
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS_DIR))
-from ops import (RESULTS_DIR, blas_description, machine_description, summary, torch,  # noqa: E402
-                 write_json_atomically)
+from ops import (RESULTS_DIR, blas_description, finish_run, machine_description, summary,  # noqa: E402
+                 torch)
 
 import minidense as md  # noqa: E402  (ops put the repository on the path)
 
@@ -269,24 +267,13 @@ def main(argv=None):
         for batch_size in batch_sizes:
             steps = args.steps or DEFAULT_STEPS[args.device].get(name, DEFAULT_STEPS_ELSEWHERE[args.device])
             results.append(run_model(name, batch_size, args.device, use_torch, steps, warmup))
-    load_after = os.getloadavg()
     print()
     print_table(results, use_torch, args.device)
-    print(f"\nload average (1 min) {load_before[0]:.2f} before the run, {load_after[0]:.2f} after, on "
-          f"{os.cpu_count()} CPUs (a load before the run near the CPU count means other programs "
-          f"competed for the cores: rerun when quiet)")
-
-    payload = {"benchmark": "benchmarks/train_step.py",
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine,
-               "settings": {"dtype": "float32", "clock": "wall", "optimizer": "SGD",
-                            "learning_rate": LEARNING_RATE, "momentum": MOMENTUM, "warmup": warmup,
-                            "input": "random normal 3x32x32, random labels of 10 classes"},
-               "load_average_1min": {"before": load_before[0], "after": load_after[0]},
-               "results": results}
-    path = args.json or RESULTS_DIR / f"train-step-{args.device}.json"
-    write_json_atomically(path, payload)
-    print(f"\nwrote {path}")
+    finish_run("benchmarks/train_step.py", machine,
+               {"dtype": "float32", "clock": "wall", "optimizer": "SGD",
+                "learning_rate": LEARNING_RATE, "momentum": MOMENTUM, "warmup": warmup,
+                "input": "random normal 3x32x32, random labels of 10 classes"},
+               load_before, results, args.json or RESULTS_DIR / f"train-step-{args.device}.json")
 
 
 if __name__ == "__main__":
