@@ -55,12 +55,11 @@ def normalization_constants(mean, std, xp=np, dtype=np.float32):
     return scale, shift
 
 
-def normalize(images, mean, std, dtype=np.float32, constants=None):
-    """uint8 NHWC -> ``dtype`` NCHW, ``(x / 255 - mean) / std`` per channel.
-    ``constants``: ``normalization_constants(mean, std)`` already on the device of
-    ``images`` (the loader makes them once rather than copying them every batch)."""
+def normalize(images, scale, shift, dtype=np.float32):
+    """uint8 NHWC -> ``dtype`` NCHW, ``x * scale + shift`` per channel, with ``(scale,
+    shift) = normalization_constants(mean, std)`` on the device of ``images`` (the loader
+    makes them once rather than copying them to the device every batch)."""
     xp = backend.get_array_module(images)
-    scale, shift = constants if constants is not None else normalization_constants(mean, std, xp, dtype)
     out = xp.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(dtype)
     out *= scale
     out += shift
@@ -131,7 +130,7 @@ class DataLoader:
         images = self.xp.asarray(self.dataset.images[order[picked]])   # the one copy per batch
         if self.augment:
             images = random_crop_flip(images, offsets[picked], flips[picked], self.pad)
-        images = normalize(images, self.mean, self.std, self.dtype, self.normalization)
+        images = normalize(images, *self.normalization, self.dtype)
         return Tensor(images), Tensor(labels[picked])
 
     def iterate(self, epoch: int, start: int = 0):
