@@ -16,7 +16,6 @@ it at the same time as a minidense run on a small machine: both want every core.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
