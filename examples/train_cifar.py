@@ -1,6 +1,7 @@
 """Train a CIFAR-10 classifier with minidense, every step written out.
 
-This is what ``python -m minidense.train`` does, without its conveniences
+This is a short version of the trainer behind ``python -m minidense.train``
+(``minidense/training/trainer.py``), in the same order and without its conveniences
 (checkpoints, resuming, metrics files, plots): data, model, optimizer, schedule,
 the training loop and the evaluation, with the public API only.
 

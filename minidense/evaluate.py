@@ -17,7 +17,8 @@ import numpy as np
 
 import minidense as md
 from minidense import data
-from minidense.train import build_model, choose_device, evaluate_model, write_atomic
+from minidense.training.recipes import build_model, choose_device
+from minidense.training.reporting import evaluate_model, write_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:

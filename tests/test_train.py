@@ -10,6 +10,7 @@ import pytest
 
 import minidense as md
 from minidense import data, train
+from minidense.training import recipes, reporting, trainer
 from minidense import evaluate as evaluate_module
 
 from conftest import cifar10_zip
@@ -29,7 +30,7 @@ def private_cache(tmp_path, monkeypatch):
 
 def exact(rows):
     """The metrics that must not depend on the clock."""
-    return [{k: row[k] for k in train.EXACT_METRICS} for row in rows]
+    return [{k: row[k] for k in reporting.EXACT_METRICS} for row in rows]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def straight_run(tmp_path_factory):
 
 def test_run_writes_metrics_checkpoints_and_plot(straight_run):
     from PIL import Image
-    rows = train.read_metrics(straight_run / "metrics.jsonl")
+    rows = reporting.read_metrics(straight_run / "metrics.jsonl")
     assert [row["epoch"] for row in rows] == [1, 2]
     for row in rows:
         assert 0 <= row["train_acc"] <= 100 and 0 <= row["test_acc"] <= 100
@@ -68,7 +69,7 @@ def test_checkpoint_reproduces_the_reported_test_accuracy(straight_run):
     """Independently of the training loop: rebuild the model from last.npz, run the
     test images through it by hand, and compare with the last metrics row."""
     checkpoint = md.load(straight_run / "last.npz")
-    model = train.build_model(checkpoint["settings"], 10)
+    model = recipes.build_model(checkpoint["settings"], 10)
     model.load_state_dict(checkpoint["model"])
     model.eval()
     test = data.Digits(train=False).subset(60)
@@ -77,7 +78,7 @@ def test_checkpoint_reproduces_the_reported_test_accuracy(straight_run):
     with md.no_grad():
         logits = model(md.tensor(x.astype(np.float32))).numpy()
     accuracy = 100.0 * np.mean(logits.argmax(axis=1) == test.labels)
-    assert accuracy == pytest.approx(train.read_metrics(straight_run / "metrics.jsonl")[-1]["test_acc"])
+    assert accuracy == pytest.approx(reporting.read_metrics(straight_run / "metrics.jsonl")[-1]["test_acc"])
 
     accuracy2, _, confusion, classes = evaluate_module.evaluate_checkpoint(
         straight_run / "last.npz", subset=60, log=lambda *a: None)
@@ -90,10 +91,10 @@ def test_checkpoint_reproduces_the_reported_test_accuracy(straight_run):
 def test_resume_after_an_epoch_gives_identical_numbers(straight_run, tmp_path):
     out = tmp_path / "resumed"
     assert train.main(TINY + ["--out", str(out), "--stop-after", "1"]) == 0
-    assert len(train.read_metrics(out / "metrics.jsonl")) == 1
+    assert len(reporting.read_metrics(out / "metrics.jsonl")) == 1
     assert train.main(["--resume", "--out", str(out)]) == 0
-    assert exact(train.read_metrics(out / "metrics.jsonl")) == \
-        exact(train.read_metrics(straight_run / "metrics.jsonl"))
+    assert exact(reporting.read_metrics(out / "metrics.jsonl")) == \
+        exact(reporting.read_metrics(straight_run / "metrics.jsonl"))
     a, b = md.load(straight_run / "last.npz"), md.load(out / "last.npz")
     for name in a["model"]:
         np.testing.assert_array_equal(a["model"][name], b["model"][name])
@@ -109,15 +110,15 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(straight_run, tmp_path):
         if (epoch, step) == (1, 2):
             signal.raise_signal(signal.SIGINT)
     said = []
-    result = train.train(settings, on_step=press_ctrl_c, log=said.append)
+    result = trainer.train(settings, on_step=press_ctrl_c, log=said.append)
     assert result["status"] == "interrupted"
     assert any("Ctrl-C" in line for line in said)
     progress = md.load(out / "last.npz")["progress"]
     assert (progress["epoch"], progress["step"]) == (1, 2) and progress["seen"] == 32
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert train.main(["--resume", "--out", str(out)]) == 0
-    assert exact(train.read_metrics(out / "metrics.jsonl")) == \
-        exact(train.read_metrics(straight_run / "metrics.jsonl"))
+    assert exact(reporting.read_metrics(out / "metrics.jsonl")) == \
+        exact(reporting.read_metrics(straight_run / "metrics.jsonl"))
 
 
 def test_resume_refuses_changed_settings(straight_run):
@@ -130,8 +131,8 @@ def test_resume_refuses_changed_settings(straight_run):
 def test_seed_changes_the_run(straight_run, tmp_path):
     out = tmp_path / "seed1"
     assert train.main(TINY + ["--out", str(out), "--seed", "1", "--epochs", "1"]) == 0
-    first = train.read_metrics(out / "metrics.jsonl")[0]
-    assert first["train_loss"] != train.read_metrics(straight_run / "metrics.jsonl")[0]["train_loss"]
+    first = reporting.read_metrics(out / "metrics.jsonl")[0]
+    assert first["train_loss"] != reporting.read_metrics(straight_run / "metrics.jsonl")[0]["train_loss"]
 
 
 def test_explicit_cifar10_offline_fails_with_the_clear_error(tmp_path, monkeypatch, capsys):
@@ -152,7 +153,7 @@ def test_recipes_set_the_papers_schedules():
     # /10 at epochs 150 and 225 of 300 (782 batches of 64 per epoch on 50k images).
     steps = 50000 // 64
     opt = md.optim.SGD([md.nn.Parameter(np.zeros(1))], lr=0.1, momentum=0.9)
-    sched = train.build_scheduler(dense, opt, steps)
+    sched = recipes.build_scheduler(dense, opt, steps)
     lrs = {step: sched.lrs_at(step)[0] for step in
            (0, 150 * steps - 1, 150 * steps, 225 * steps - 1, 225 * steps)}
     assert lrs[0] == lrs[150 * steps - 1] == 0.1
@@ -160,7 +161,7 @@ def test_recipes_set_the_papers_schedules():
     assert lrs[225 * steps] == pytest.approx(0.001)
     # ResNet: /10 at 32k and 48k of 64k iterations (164 epochs of 390 batches of 128).
     res = parse("--recipe", "resnet")
-    sched = train.build_scheduler(res, opt, 50000 // 128)
+    sched = recipes.build_scheduler(res, opt, 50000 // 128)
     total = 164 * (50000 // 128)
     assert abs(total - 64000) < 500
     assert sched.lrs_at(31900)[0] == 0.1 and sched.lrs_at(32100)[0] == pytest.approx(0.01)
@@ -171,7 +172,7 @@ def test_warmup_rises_then_follows_the_schedule():
     settings = train.resolve_args(train.build_parser().parse_args(
         ["--epochs", "10", "--warmup", "2", "--schedule", "cosine"]))
     opt = md.optim.SGD([md.nn.Parameter(np.zeros(1))], lr=0.1)
-    sched = train.build_scheduler(settings, opt, 100)
+    sched = recipes.build_scheduler(settings, opt, 100)
     lrs = [sched.lrs_at(s)[0] for s in range(1000)]
     assert lrs[0] == pytest.approx(0.1 / 200)
     assert all(a < b for a, b in zip(lrs[:200], lrs[1:201]))
@@ -180,7 +181,7 @@ def test_warmup_rises_then_follows_the_schedule():
 
 
 def test_model_args_are_parsed():
-    assert train.parse_model_args("depth=10, growth_rate=4,bottleneck=true,compression=0.5,x=a") == \
+    assert recipes.parse_model_args("depth=10, growth_rate=4,bottleneck=true,compression=0.5,x=a") == \
         dict(depth=10, growth_rate=4, bottleneck=True, compression=0.5, x="a")
 
 
@@ -216,7 +217,7 @@ def test_tiny_densenet_bc_learns_real_cifar10(tmp_path, monkeypatch):
                        "--subset", "2000", "--test-subset", "1000", "--epochs", "2",
                        "--batch-size", "32", "--lr", "0.1", "--seed", "0", "--no-plot",
                        "--out", str(out)]) == 0
-    rows = train.read_metrics(out / "metrics.jsonl")
+    rows = reporting.read_metrics(out / "metrics.jsonl")
     print(f"tiny DenseNet-BC on 2,000 CIFAR-10 images: test accuracy "
           f"{[round(r['test_acc'], 2) for r in rows]} in {time.perf_counter() - started:.1f} s")
     assert rows[-1]["test_acc"] > 20.0
@@ -224,8 +225,8 @@ def test_tiny_densenet_bc_learns_real_cifar10(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name,argv,expected", [
-    ("cifar10-jpeg", [], train.CPU_EPOCHS),          # CIFAR-10 on a CPU: a short run
-    ("digits", [], train.DEMO_EPOCHS),                # the offline demo
+    ("cifar10-jpeg", [], recipes.CPU_EPOCHS),          # CIFAR-10 on a CPU: a short run
+    ("digits", [], recipes.DEMO_EPOCHS),                # the offline demo
     ("cifar10-jpeg", ["--epochs", "3"], 3),          # an explicit choice always wins
     ("cifar10-jpeg", ["--recipe", "densenet"], 300),  # so does a recipe
 ])
@@ -236,12 +237,12 @@ def test_default_epochs_follow_data_and_device(name, argv, expected, monkeypatch
     monkeypatch.setattr(data, "open_datasets", lambda *a, **k: (fake, fake))
     settings = train.resolve_args(train.build_parser().parse_args(
         argv + ["--device", "cpu", "--batch-size", "64", "--out", str(tmp_path), "--no-plot"]))
-    assert train.TrainingRun(settings, log=lambda *a: None).epochs == expected
+    assert trainer.TrainingRun(settings, log=lambda *a: None).epochs == expected
 
 
 def test_auto_device_explains_an_unusable_gpu(monkeypatch):
     messages = []
     monkeypatch.setattr(md, "cuda_available", lambda: False)
-    monkeypatch.setattr(train.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
-    assert train.choose_device("auto", messages.append) == "cpu"
+    monkeypatch.setattr(recipes.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    assert recipes.choose_device("auto", messages.append) == "cpu"
     assert "cupy-cuda12x" in messages[0] and "cupy-cuda13x" in messages[0]

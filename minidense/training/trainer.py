@@ -1,0 +1,302 @@
+"""The trainer: one run's data, model, optimizer and schedule, the training loop, the
+checkpoint state and the Ctrl-C handling.
+
+Exact resuming: the data order, every crop and flip (``md.data.DataLoader``) and the
+dropout masks (``md.manual_seed`` before every step) are functions of (seed, epoch,
+step) alone, and a checkpoint holds the model, the optimizer, the scheduler, the
+position in the run and the running sums of the current epoch.  So a run that is
+stopped (after an epoch, or by Ctrl-C in the middle of one) and resumed produces the
+same numbers as one that never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+import minidense as md
+from minidense import backend, data
+
+from .recipes import (CPU_EPOCHS, DEMO_EPOCHS, build_model, build_optimizer, build_scheduler,
+                      choose_device)
+from .reporting import (EpochProgress, RunningSums, evaluate_model, format_duration,
+                        peak_memory_mb, summarize, write_metrics)
+
+class InterruptRequest:
+    """Ctrl-C asks the run to stop after the current batch and save a checkpoint (a
+    KeyboardInterrupt in the middle of an update would leave the weights half
+    updated); a second Ctrl-C stops at once."""
+
+    def __init__(self, log):
+        self.requested, self.log, self.previous = False, log, None
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("\nCtrl-C: stopping after this batch and saving a checkpoint "
+                 "(press Ctrl-C again to quit without saving)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """The dropout seed of one training step, a function of (seed, epoch, step) only."""
+    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0])
+
+def default_out(settings: dict, data_name: str) -> Path:
+    """runs/<model>-<data>, or with -2, -3, ... when that folder already holds a run."""
+    base = Path("runs") / f"{settings['model']}-{data_name}"
+    candidate, n = base, 1
+    while (candidate / "last.npz").exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def data_name_of(dataset) -> str:
+    return dataset.name.split("/")[0].replace("imagefolder-", "")
+
+
+class TrainingRun:
+    """One run: its data, model, optimizer, schedule and output folder, its history,
+    and (after ``restore``) the point it continues from."""
+
+    def __init__(self, settings: dict, log=print, normalization=None):
+        self.settings = settings = dict(settings)
+        self.log = log
+        self.device = choose_device(settings["device"], log)
+        train_set, test_set = data.open_datasets(settings["data"], log=log,
+                                                 workers=settings["workers"] or None)
+        settings["data_used"] = train_set.source
+        if train_set.name.startswith("digits") and not settings["epochs_given"]:
+            settings["epochs"] = DEMO_EPOCHS
+        elif self.device == "cpu" and not settings["epochs_given"]:
+            settings["epochs"] = CPU_EPOCHS
+        if settings["subset"]:
+            train_set = train_set.subset(settings["subset"])
+        if settings["test_subset"]:
+            test_set = test_set.subset(settings["test_subset"])
+        self.train_set, self.test_set = train_set, test_set
+        self.data_name = data_name_of(train_set)
+        self.mean, self.std = normalization or data.channel_mean_std(train_set.images)
+
+        self.seed = settings["seed"]
+        md.manual_seed(self.seed)
+        self.model = build_model(settings, train_set.num_classes).to(self.device)
+        self.optimizer = build_optimizer(settings, self.model.parameters())
+        self.train_loader = data.DataLoader(
+            train_set, settings["batch_size"], shuffle=True, drop_last=True,
+            augment=settings["augment"], mean=self.mean, std=self.std, device=self.device,
+            seed=self.seed)
+        self.test_loader = data.DataLoader(test_set, max(settings["batch_size"], 256),
+                                           mean=self.mean, std=self.std, device=self.device)
+        self.steps_per_epoch = len(self.train_loader)
+        self.scheduler = build_scheduler(settings, self.optimizer, self.steps_per_epoch)
+        self.epochs = settings["epochs"]
+        self.out = Path(settings["out"]) if settings["out"] else default_out(settings, self.data_name)
+        self.out.mkdir(parents=True, exist_ok=True)
+        settings["out"] = str(self.out)
+
+        self.history, self.best_acc, self.best_epoch = [], -1.0, 0
+        # Where the run continues: epoch, batch, and the epoch's sums so far.
+        self.start_epoch, self.start_step = 0, 0
+        self.partial = dict(loss_sum=0.0, correct=0, seen=0, train_time=0.0)
+
+    # -- checkpoints -----------------------------------------------------------
+    def state(self, epoch, step, sums=None, train_time=0.0) -> dict:
+        """Everything needed to continue from batch ``step`` of epoch ``epoch``."""
+        loss_sum, correct, seen = ((float(sums.loss_sum), int(sums.correct), sums.seen)
+                                   if sums is not None else (0.0, 0, 0))
+        keys = list(self.history[0]) if self.history else []
+        return {
+            "model": dict(self.model.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            # The generators of the data order, augmentation and dropout are seeded
+            # from (seed, epoch, step): the position is their whole state.
+            "progress": {"epoch": epoch, "step": step, "seed": self.seed, "loss_sum": loss_sum,
+                         "correct": correct, "seen": seen, "train_time": train_time},
+            "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+            "history": {k: np.array([np.nan if row[k] is None else row[k] for row in self.history],
+                                    dtype=np.float64) for k in keys},
+            "normalization": {"mean": np.asarray(self.mean, np.float64),
+                              "std": np.asarray(self.std, np.float64)},
+            "settings": dict(self.settings),
+            "classes": list(self.train_set.classes),
+        }
+
+    def restore(self, checkpoint: dict) -> None:
+        if checkpoint["classes"] != self.train_set.classes:
+            raise SystemExit(f"--resume: the checkpoint was trained on classes "
+                             f"{checkpoint['classes']}, the data has {self.train_set.classes}")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        progress = checkpoint["progress"]
+        self.start_epoch, self.start_step = int(progress["epoch"]), int(progress["step"])
+        self.partial = {k: progress[k] for k in ("loss_sum", "correct", "seen", "train_time")}
+        self.best_acc, self.best_epoch = float(checkpoint["best_acc"]), int(checkpoint["best_epoch"])
+        saved = checkpoint["history"]
+        count = len(next(iter(saved.values()))) if saved else 0
+        self.history = [{k: _history_value(k, saved[k][i]) for k in saved} for i in range(count)]
+        write_metrics(self.out, self.history)
+        self.log(f"resuming {self.out} at epoch {self.start_epoch + 1}, batch "
+                 f"{self.start_step + 1} of {self.steps_per_epoch}")
+
+    def save(self, state: dict, best: bool = False) -> None:
+        md.save(state, self.out / "last.npz")
+        if best:
+            md.save(state, self.out / "best.npz")
+
+    # -- training --------------------------------------------------------------
+    def train_epoch(self, epoch, interrupt, on_step=None):
+        """Train one epoch (from ``start_step`` when resuming into it).  Returns the
+        running sums and the training time, or None when Ctrl-C stopped it (after
+        saving a checkpoint)."""
+        resumed = epoch == self.start_epoch and (self.start_step or self.partial["seen"])
+        first_step = self.start_step if resumed else 0
+        xp = backend.array_module(self.device)
+        sums = RunningSums(xp, **{k: self.partial[k] for k in ("loss_sum", "correct", "seen")}) \
+            if resumed else RunningSums(xp)
+        time_before = float(self.partial["train_time"]) if resumed else 0.0
+        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
+        bar = EpochProgress(epoch, self.epochs, self.steps_per_epoch, first_step)
+        model.train()
+        start, last_shown, seen_here, step = time.perf_counter(), 0.0, 0, first_step
+        with contextlib.closing(self.train_loader.iterate(epoch, first_step)) as batches:
+            for images, labels in batches:
+                md.manual_seed(step_seed(self.seed, epoch, step))   # dropout masks
+                logits = model(images)
+                loss = md.cross_entropy(logits, labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                sums.add(loss, logits, labels)
+                del logits, loss
+                step += 1
+                seen_here += labels.shape[0]
+                if on_step is not None:
+                    on_step(epoch, step)
+                now = time.perf_counter()
+                if now - last_shown > 0.5 or step == self.steps_per_epoch:
+                    last_shown = now
+                    bar.update(step, sums.values(), seen_here / (now - start))
+                if interrupt.requested and step < self.steps_per_epoch:
+                    bar.close()
+                    self.save(self.state(epoch, step, sums, time_before + now - start))
+                    self.log(f"checkpoint saved: {self.out / 'last.npz'} (epoch {epoch + 1}, "
+                             f"batch {step}); continue with: python -m minidense.train --resume "
+                             f"--out {self.out}")
+                    return None
+        bar.close()
+        return sums, time_before + time.perf_counter() - start
+
+    def finish_epoch(self, epoch, sums, train_time) -> dict:
+        """Test (when due), record the epoch's metrics, save the checkpoints and files."""
+        train_loss, train_acc, seen = sums.values()
+        test_loss = test_acc = None
+        eval_start = time.perf_counter()
+        if epoch + 1 == self.epochs or (epoch + 1) % self.settings["eval_every"] == 0:
+            test_loss, test_acc, _ = evaluate_model(self.model, self.test_loader)
+            if test_acc > self.best_acc:
+                self.best_acc, self.best_epoch = test_acc, epoch + 1
+        eval_time = time.perf_counter() - eval_start
+        elapsed = (self.history[-1]["elapsed_s"] if self.history else 0.0) + train_time + eval_time
+        row = {
+            "epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss, "train_acc": train_acc,
+            "test_loss": test_loss, "test_acc": test_acc, "best_acc": self.best_acc,
+            "train_time_s": train_time, "eval_time_s": eval_time, "elapsed_s": elapsed,
+            "images_per_s": seen / train_time, "peak_memory_mb": peak_memory_mb(),
+        }
+        self.history.append(row)
+        self.save(self.state(epoch + 1, 0), best=self.best_epoch == epoch + 1)
+        write_metrics(self.out, self.history)
+        return row
+
+    def run(self, on_step=None) -> dict:
+        """Train from where the run stands to its last epoch, or until --stop-after or
+        Ctrl-C.  Returns {"status": "done" | "stopped" | "interrupted", "history", "out"}."""
+        s = self.settings
+        self.log(f"model: {s['model']} ({self.model.num_parameters():,} parameters) on "
+                 f"{self.device}; data: {self.train_set.name} ({len(self.train_set)} images) / "
+                 f"{self.test_set.name} ({len(self.test_set)}); {self.epochs} epochs of "
+                 f"{self.steps_per_epoch} batches of {s['batch_size']}; {s['optimizer']} lr "
+                 f"{s['lr']} ({s['schedule']}"
+                 f"{', warm-up %g epochs' % s['warmup'] if s['warmup'] else ''}), wd {s['wd']}; "
+                 f"output: {self.out}")
+        session_start = time.perf_counter()
+        resume_hint = f"continue with: python -m minidense.train --resume --out {self.out}"
+        with InterruptRequest(self.log) as interrupt:
+            for epoch in range(self.start_epoch, self.epochs):
+                trained = self.train_epoch(epoch, interrupt, on_step)
+                if trained is None:
+                    return self.result("interrupted")
+                row = self.finish_epoch(epoch, *trained)
+                left = ((time.perf_counter() - session_start) / (epoch + 1 - self.start_epoch)
+                        * (self.epochs - epoch - 1))
+                self.log(self.epoch_line(row) + (f", about {format_duration(left)} left"
+                                                 if epoch + 1 < self.epochs else ""))
+                if epoch + 1 == self.epochs:
+                    break
+                if interrupt.requested:
+                    self.log(f"checkpoint saved: {self.out / 'last.npz'} (after epoch "
+                             f"{epoch + 1}); {resume_hint}")
+                    return self.result("interrupted")
+                if s["stop_after"] and epoch + 1 >= s["stop_after"]:
+                    self.log(f"stopped after epoch {epoch + 1} (--stop-after); {resume_hint}")
+                    return self.result("stopped")
+        summarize(self.history, self.out, s, self.data_name, self.best_epoch, self.log)
+        return self.result("done")
+
+    def epoch_line(self, row) -> str:
+        tested = (f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}% "
+                  f"(best {self.best_acc:.2f}%)" if row["test_acc"] is not None else "not tested")
+        return (f"epoch {row['epoch']}/{self.epochs}: train loss {row['train_loss']:.4f} acc "
+                f"{row['train_acc']:.2f}% | {tested} | lr {row['lr']:.4g} | "
+                f"{row['images_per_s']:.0f} img/s | "
+                f"{format_duration(row['train_time_s'] + row['eval_time_s'])}")
+
+    def result(self, status) -> dict:
+        return {"status": status, "history": self.history, "out": self.out}
+
+
+def train(settings: dict, checkpoint: dict | None = None, log=print, on_step=None) -> dict:
+    """Train (or, with ``checkpoint``, resume) the run described by ``settings`` (see
+    ``resolve_args``).  ``on_step(epoch, step)`` is called after every training step.
+    Returns {"status": "done" | "stopped" | "interrupted", "history": [...], "out": Path}."""
+    if checkpoint is None:
+        return TrainingRun(settings, log).run(on_step)
+    settings = dict(settings)
+    if settings["data"] is None:
+        settings["data"] = settings.get("data_used")   # the source the run started on
+    normalization = checkpoint["normalization"]
+    run = TrainingRun(dict(settings, epochs_given=True), log,
+                      (np.asarray(normalization["mean"]), np.asarray(normalization["std"])))
+    run.restore(checkpoint)
+    return run.run(on_step)
+
+
+def _history_value(key, value):
+    """A history value read back from a checkpoint: epoch and step as ints, NaN as None
+    ("not measured"), so resumed metrics files match uninterrupted ones."""
+    value = float(value)
+    if math.isnan(value):
+        return None
+    return int(value) if key in ("epoch", "step") else value
