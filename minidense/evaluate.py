@@ -17,7 +17,7 @@ import numpy as np
 
 import minidense as md
 from minidense import data
-from minidense.training.recipes import build_model, choose_device
+from minidense.training.recipes import SettingsError, build_model, choose_device
 from minidense.training.reporting import evaluate_model, write_atomic
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: the run's data)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--subset", type=int, default=0, help="test on this many images only")
+    p.add_argument("--subset", type=int, help="test on this many images only (default: all)")
     p.add_argument("--csv", help="write the confusion matrix and per-class accuracy as CSV here")
     p.add_argument("--png", help="draw the confusion matrix into this PNG")
     return p
@@ -83,9 +83,35 @@ def plot_confusion(confusion, classes, path: Path, title: str) -> None:
     write_atomic(Path(path), buffer.getvalue())
 
 
+def load_model(path):
+    """(model, checkpoint) from a checkpoint of minidense.train, or ``SettingsError``
+    saying why it cannot be used: missing, damaged, not a training checkpoint, or weights
+    that do not fit the model and class count its settings name."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"--checkpoint {path}: no such file")
+    try:
+        checkpoint = md.load(path)
+    except (OSError, ValueError) as error:
+        raise SettingsError(f"--checkpoint: {error}") from None
+    needed = ("model", "settings", "classes", "normalization")
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in needed):
+        raise SettingsError(f"--checkpoint {path}: not a checkpoint of minidense.train (it "
+                            f"lacks {', '.join(k for k in needed if k not in checkpoint)})")
+    settings, classes = checkpoint["settings"], list(checkpoint["classes"])
+    try:
+        model = build_model(settings, len(classes))
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise SettingsError(f"--checkpoint {path}: its weights do not fit "
+                            f"{settings.get('model')!r} with {len(classes)} classes: "
+                            f"{error}") from None
+    return model, checkpoint
+
+
 def evaluate_checkpoint(path, source=None, device="auto", batch_size=256, subset=0, log=print):
     """(accuracy %, loss, confusion matrix, class names) of a checkpoint on a test set."""
-    checkpoint = md.load(path)
+    model, checkpoint = load_model(path)
     settings = checkpoint["settings"]
     classes = list(checkpoint["classes"])
     device = choose_device(device)
@@ -93,12 +119,10 @@ def evaluate_checkpoint(path, source=None, device="auto", batch_size=256, subset
         source = settings.get("data_used") or settings.get("data")
     _, test_set = data.open_datasets(source, log=log)
     if test_set.classes != classes:
-        raise SystemExit(f"evaluate: the checkpoint's classes {classes} differ from the data's "
-                         f"{test_set.classes}")
+        raise SettingsError(f"--data: its classes {test_set.classes} differ from the "
+                            f"checkpoint's {classes}")
     if subset:
         test_set = test_set.subset(subset)
-    model = build_model(settings, len(classes))
-    model.load_state_dict(checkpoint["model"])
     model.to(device)
     normalization = checkpoint["normalization"]
     loader = data.DataLoader(test_set, batch_size, mean=normalization["mean"],
@@ -108,13 +132,18 @@ def evaluate_checkpoint(path, source=None, device="auto", batch_size=256, subset
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit statuses: 0 done, 2 a bad option, an unusable checkpoint or unusable data."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        for option in ("batch_size", "subset"):
+            value = getattr(args, option)
+            if value is not None and value < 1:
+                raise SettingsError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
         accuracy, loss, confusion, classes = evaluate_checkpoint(
-            args.checkpoint, args.data, args.device, args.batch_size, args.subset)
-    except data.DataUnavailableError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            args.checkpoint, args.data, args.device, args.batch_size, args.subset or 0)
+    except (SettingsError, data.DataError) as error:
+        parser.error(str(error))   # the usage line, one error line, exit status 2
     print(format_report(accuracy, loss, confusion, classes))
     if args.csv:
         write_atomic(Path(args.csv), confusion_csv(confusion, classes).encode())

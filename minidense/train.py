@@ -17,13 +17,19 @@ and ``reporting`` (running sums, evaluation, progress, metrics files, plots).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
 from pathlib import Path
 
 import minidense as md
 from minidense import data, models
-from minidense.training.recipes import DEFAULTS, RECIPES
-from minidense.training.trainer import train
+from minidense.training.recipes import (CPU_EPOCHS, DEFAULTS, DEMO_EPOCHS, RECIPES,
+                                        SettingsError, check_model)
+from minidense.training.trainer import Diverged, train
+
+# Exit statuses, the same for every way a run can end.
+EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 # Options that may change when resuming; any other must match the checkpoint.
 RESUMABLE_CHANGES = {"out", "resume", "device", "stop_after", "plot", "workers", "eval_every", "data"}
@@ -64,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the GPU when CuPy sees one (default)")
     p.add_argument("--data", help="cifar10 (the official binary release), digits (the offline "
                                   "demo), or a folder or .zip of train/<class>/* and test/<class>/*; "
-                                  "default: $MINIDENSE_CIFAR10 or ../shared/data/cifar10-jpeg.zip, "
-                                  "else cifar10, else the digits demo")
+                                  "default: $MINIDENSE_CIFAR10, else cifar10, else the digits demo")
     p.add_argument("--subset", type=int, help="train on this many images (a fixed random subset)")
     p.add_argument("--test-subset", type=int, help="test on this many images")
     p.add_argument("--seed", type=int, help="seeds the weights, data order, augmentation, dropout")
@@ -94,8 +99,77 @@ def resolve_args(args: argparse.Namespace) -> dict:
     settings["epochs_given"] = "epochs" in given or "recipe" in given
     return settings
 
+
 # ---------------------------------------------------------------------------
-# The command line
+# Checking the options, before any data is read
+# ---------------------------------------------------------------------------
+AT_LEAST_ONE = ("epochs", "batch_size", "subset", "test_subset", "eval_every", "stop_after",
+                "workers")
+
+
+def expected_epochs(settings: dict) -> int:
+    """The epochs the run will have, as far as the options tell: the explicit count, or
+    the default for the digits demo, a CPU or a GPU (the trainer decides it again once
+    the data is open)."""
+    if settings["epochs_given"]:
+        return settings["epochs"]
+    if settings.get("data") == "digits":
+        return DEMO_EPOCHS
+    return CPU_EPOCHS if settings["device"] == "cpu" or not md.cuda_available() else settings["epochs"]
+
+
+def check_settings(settings: dict, given: dict) -> None:
+    """Raise ``SettingsError`` for the first option that cannot work.  ``given``: the
+    options on the command line (0 means "off" for --subset and friends only by default)."""
+    for key in AT_LEAST_ONE:
+        value = given.get(key, settings.get(key) if key in ("epochs", "batch_size", "eval_every")
+                          else None)
+        if value is not None and value < 1:
+            raise SettingsError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    lr, momentum, wd = settings["lr"], settings["momentum"], settings["wd"]
+    if not (math.isfinite(lr) and lr > 0):
+        raise SettingsError(f"--lr must be a finite number above 0, got {lr}")
+    if not (0 <= momentum < 1):
+        raise SettingsError(f"--momentum must be in [0, 1), got {momentum}")
+    if not (math.isfinite(wd) and wd >= 0):
+        raise SettingsError(f"--wd must be a finite number of at least 0, got {wd}")
+    warmup, epochs = settings["warmup"], expected_epochs(settings)
+    if not (math.isfinite(warmup) and 0 <= warmup < epochs):
+        raise SettingsError(f"--warmup must be at least 0 and less than the {epochs} epochs of "
+                            f"the run, got {warmup}")
+    try:
+        milestones = [float(f) for f in str(settings["milestones"]).split(",")]
+    except ValueError:
+        raise SettingsError(f"--milestones: expected fractions such as 0.5,0.75, got "
+                            f"{settings['milestones']!r}") from None
+    if not all(0 < f < 1 for f in milestones) or \
+            any(a >= b for a, b in zip(milestones, milestones[1:])):
+        raise SettingsError(f"--milestones must be increasing fractions of the run, each in "
+                            f"(0, 1), got {settings['milestones']}")
+    if not (0 < settings["gamma"] <= 1):
+        raise SettingsError(f"--gamma must be in (0, 1], got {settings['gamma']}")
+    if settings["subset"] and settings["subset"] < settings["batch_size"]:
+        raise SettingsError(f"--subset {settings['subset']} is smaller than one batch "
+                            f"(--batch-size {settings['batch_size']}): no training step")
+    check_model(settings["model"], settings.get("model_args", ""))
+    check_out(settings)
+
+
+def check_out(settings: dict) -> None:
+    """The output folder (or, by default, runs/) can be made and written: checked now,
+    not when the first epoch ends."""
+    folder = Path(settings["out"]) if settings["out"] else Path("runs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise SettingsError(f"--out {folder}: cannot write there ({error.strerror or error})") \
+            from None
+
+
+# ---------------------------------------------------------------------------
+# Resuming
 # ---------------------------------------------------------------------------
 def find_checkpoint(resume, out, model) -> Path:
     """The checkpoint --resume means: the path given, OUT/last.npz, or the newest
@@ -107,12 +181,25 @@ def find_checkpoint(resume, out, model) -> Path:
     else:
         runs = sorted(Path("runs").glob(f"{model}-*/last.npz"), key=lambda p: p.stat().st_mtime)
         if not runs:
-            raise SystemExit(f"--resume: no runs/{model}-*/last.npz here; pass --out DIR (the "
-                             f"folder of the run) or the checkpoint's path")
+            raise SettingsError(f"--resume: no runs/{model}-*/last.npz here; pass --out DIR (the "
+                                f"folder of the run) or the checkpoint's path")
         path = runs[-1]
     if not path.is_file():
-        raise SystemExit(f"--resume: there is no checkpoint at {path}")
+        raise SettingsError(f"--resume: there is no checkpoint at {path}")
     return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, or ``SettingsError`` saying why it cannot be used."""
+    try:
+        checkpoint = md.load(path)
+    except (OSError, ValueError) as error:
+        raise SettingsError(f"--resume: {error}") from None
+    needed = ("model", "optimizer", "scheduler", "progress", "settings", "classes")
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in needed):
+        raise SettingsError(f"--resume: {path} is not a checkpoint of minidense.train (it lacks "
+                            f"{', '.join(k for k in needed if k not in checkpoint)})")
+    return checkpoint
 
 
 def resume_settings(saved: dict, given: dict, checkpoint_path: Path) -> dict:
@@ -126,8 +213,9 @@ def resume_settings(saved: dict, given: dict, checkpoint_path: Path) -> dict:
         elif key in saved and saved[key] != value:
             conflicts.append(f"--{key.replace('_', '-')} {value} (the run has {saved[key]})")
     if conflicts:
-        raise SystemExit("--resume: these options differ from the run being resumed: "
-                         + ", ".join(conflicts) + "; start a new run (another --out) to change them")
+        raise SettingsError("--resume: these options differ from the run being resumed: "
+                            + ", ".join(conflicts) + "; start a new run (another --out) to "
+                                                     "change them")
     if "out" not in given:
         settings["out"] = str(checkpoint_path.parent)
     settings["stop_after"] = given.get("stop_after", 0)   # a stop point is for one session
@@ -135,26 +223,39 @@ def resume_settings(saved: dict, given: dict, checkpoint_path: Path) -> dict:
     return settings
 
 
+# ---------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit statuses: 0 done, 1 a data error, 2 a bad option or an unusable checkpoint,
+    3 a diverged run (nothing non-finite is saved), 130 Ctrl-C."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
     checkpoint = None
     try:
         if args.resume:
             path = find_checkpoint(args.resume, args.out, args.model or DEFAULTS["model"])
-            checkpoint = md.load(path)
+            checkpoint = load_checkpoint(path)
             settings = resume_settings(checkpoint["settings"], given, path)
+            check_settings(dict(settings, **{"epochs_given": True}), given)
         else:
             settings = resolve_args(args)
+            check_settings(settings, given)
         result = train(settings, checkpoint)
-    except data.DataUnavailableError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except SettingsError as error:
+        parser.error(str(error))   # the usage line, one error line, exit status 2
+    except data.DataError as error:
+        print(f"{parser.prog}: data error: {error}", file=sys.stderr)
+        return EXIT_DATA
+    except Diverged as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
-        print("\ninterrupted without saving; last.npz holds the last completed epoch "
-              "(or the last Ctrl-C save)", file=sys.stderr)
-        return 130
-    return 130 if result["status"] == "interrupted" else 0
+        print(f"\n{parser.prog}: interrupted without saving; last.npz holds the last completed "
+              f"epoch (or the last Ctrl-C save)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_INTERRUPTED if result["status"] == "interrupted" else EXIT_OK
 
 
 if __name__ == "__main__":

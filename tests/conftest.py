@@ -5,6 +5,12 @@
 * MINIDENSE_TEST_DEVICE=cuda runs the device-aware tests on CuPy (fixture ``device``).
 * Tests marked ``slow`` run only with ``--runslow`` or MINIDENSE_RUN_SLOW=1; tests
   marked ``gpu`` only when MINIDENSE_TEST_DEVICE=cuda.
+* Under CI=true, those are the only tests that may skip: any other skip (a missing
+  package, a missing program, missing data) fails the run, so that a green CI means the
+  test install is complete.
+* The real-data tests read CIFAR-10 from MINIDENSE_CIFAR10; when it is unset, this file
+  sets it to the development checkout's ``../shared/data/cifar10-jpeg.zip`` if there is one
+  (the package itself never looks there).
 """
 import os
 from pathlib import Path
@@ -22,6 +28,12 @@ settings.load_profile(os.environ.get("MINIDENSE_HYPOTHESIS_PROFILE", "ci"))
 
 TEST_DEVICE = os.environ.get("MINIDENSE_TEST_DEVICE", "cpu")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+MAY_SKIP = ("slow", "gpu")   # the markers whose tests may be skipped under CI=true
+
+_shared_zip = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"
+if not os.environ.get("MINIDENSE_CIFAR10") and _shared_zip.is_file():
+    os.environ["MINIDENSE_CIFAR10"] = str(_shared_zip)
 
 
 def pytest_addoption(parser):
@@ -42,6 +54,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and TEST_DEVICE != "cuda":
             item.add_marker(skip_gpu)
+        if any(marker in item.keywords for marker in MAY_SKIP):
+            _skippable.add(item.nodeid)
+
+
+_skippable: set = set()        # node ids of the tests marked slow or gpu
+_unexpected_skips: list = []   # (node id, reason) of other skipped tests
+
+
+def pytest_runtest_logreport(report):
+    if IN_CI and report.skipped and report.nodeid not in _skippable:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _unexpected_skips.append((report.nodeid, reason))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI=true a skip outside ``MAY_SKIP`` fails the run, whatever skipped it."""
+    if _unexpected_skips and session.exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unexpected_skips:
+        terminalreporter.section("skipped under CI=true (only slow and gpu tests may skip)",
+                                 red=True)
+        for nodeid, reason in _unexpected_skips:
+            terminalreporter.line(f"{nodeid}: {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +98,6 @@ def _seeded():
 
 
 def cifar10_zip():
-    """Path of the shared CIFAR-10 JPEG zip, or None (MINIDENSE_CIFAR10 overrides)."""
-    path = Path(os.environ.get("MINIDENSE_CIFAR10", REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"))
-    return path if path.is_file() else None
+    """Path of the CIFAR-10 JPEG zip named by MINIDENSE_CIFAR10, or None."""
+    value = os.environ.get("MINIDENSE_CIFAR10")
+    return Path(value) if value and Path(value).is_file() else None

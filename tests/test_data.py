@@ -228,10 +228,10 @@ def test_image_folder_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 
 
 def test_image_folder_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(data.DataError, match="does not exist"):
         data.ImageFolder(tmp_path / "missing")
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    with pytest.raises(ValueError, match="no train/<class>"):
+    with pytest.raises(data.DataError, match="no train/<class>"):
         data.ImageFolder(tmp_path / "empty", workers=1)
 
 
@@ -416,7 +416,7 @@ def test_subset_is_fixed_and_spread_over_the_data():
 # ---------------------------------------------------------------------------
 def test_no_source_and_no_network_falls_back_to_digits(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
-    monkeypatch.setenv("MINIDENSE_CIFAR10", str(tmp_path / "absent.zip"))
+    monkeypatch.delenv("MINIDENSE_CIFAR10", raising=False)
     monkeypatch.setattr(datasets.urllib.request, "urlopen",
                         lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
     said = []
@@ -427,11 +427,14 @@ def test_no_source_and_no_network_falls_back_to_digits(tmp_path, monkeypatch):
         data.open_datasets("cifar10")
 
 
-def test_shared_zip_is_found_through_the_environment(tmp_path, monkeypatch):
+def test_environment_names_the_cifar10_zip(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIDENSE_CIFAR10", str(tmp_path / "absent.zip"))
+    with pytest.raises(data.DataUnavailableError, match="MINIDENSE_CIFAR10=.*absent.zip"):
+        data.open_datasets(None, log=lambda *a: None)
     tree = tmp_path / "tree"
     write_image_tree(tree)
     archive = zip_tree(tree, tmp_path / "mine.zip")
     monkeypatch.setenv("MINIDENSE_CIFAR10", str(archive))
-    assert data.shared_cifar10_zip() == archive
+    assert data.cifar10_from_environment() == archive
     train, _ = data.open_datasets(None, log=lambda *a: None)
     assert train.classes == sorted(CLASSES) and train.source == str(archive.resolve())

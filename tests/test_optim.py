@@ -183,9 +183,7 @@ def test_warmup_then_cosine_shape():
 # State dicts
 # ---------------------------------------------------------------------------
 def roundtrip(obj, tmp_path, name):
-    """Through md.save/md.load when the io module is there, else a plain copy."""
-    if not hasattr(md, "save"):
-        pytest.skip("md.save/md.load are not there yet")
+    """Through md.save and md.load."""
     path = tmp_path / f"{name}.npz"
     md.save(obj, path)
     return md.load(path)

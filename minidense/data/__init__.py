@@ -7,13 +7,14 @@ with the standard CIFAR augmentation.
                                 augment=True, mean=mean, std=std, seed=0)
     for images, labels in loader: ...                    # float32 NCHW, int64
 """
-from .datasets import (CIFAR10, CIFAR10_CLASSES, CIFAR10_MD5, CIFAR10_URL, DataUnavailableError,
+from .datasets import (CIFAR10, CIFAR10_CLASSES, CIFAR10_MD5, CIFAR10_URL, DataError,
+                       DataUnavailableError,
                        Digits, ImageDataset, ImageFolder, cache_dir, channel_mean_std,
-                       open_datasets, parse_cifar10_binary, shared_cifar10_zip)
+                       cifar10_from_environment, open_datasets, parse_cifar10_binary)
 from .loader import (DataLoader, augmentation_parameters, normalization_constants, normalize,
                      random_crop_flip)
 
-__all__ = ["CIFAR10", "ImageFolder", "Digits", "ImageDataset", "DataLoader", "DataUnavailableError",
+__all__ = ["CIFAR10", "ImageFolder", "Digits", "ImageDataset", "DataLoader", "DataError", "DataUnavailableError",
            "channel_mean_std", "random_crop_flip", "normalize", "normalization_constants",
-           "augmentation_parameters", "open_datasets", "shared_cifar10_zip", "cache_dir", "parse_cifar10_binary",
+           "augmentation_parameters", "open_datasets", "cifar10_from_environment", "cache_dir", "parse_cifar10_binary",
            "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CLASSES"]

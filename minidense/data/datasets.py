@@ -33,7 +33,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGES_PER_WORKER = 2000   # fewer images than this per process are not worth a process
 
 
-class DataUnavailableError(RuntimeError):
+class DataError(Exception):
+    """The data cannot be used (missing, unreadable or malformed); the message names the
+    path and says what is wrong.  The training command reports it in one line."""
+
+
+class DataUnavailableError(DataError, RuntimeError):
     """The data set is neither on disk nor downloadable; the message says what to do."""
 
 
@@ -246,7 +251,7 @@ def _list_images(path: Path, split: str):
     elif path.is_dir():
         names = [p.relative_to(path).as_posix() for p in (path / split).rglob("*") if p.is_file()]
     else:
-        raise FileNotFoundError(f"ImageFolder: {path} is neither a folder nor a .zip file")
+        raise DataError(f"ImageFolder: {path} is neither a folder nor a .zip file")
     # A zip made from a folder holds <folder>/train/...: look inside that one folder.
     tops = {name.split("/")[0] for name in names}
     skip = 1 if len(tops) == 1 and not tops & {"train", "test"} else 0
@@ -265,22 +270,30 @@ def _class_names(path: Path):
 
 def _decode_images(path: str, members):
     """Decode image files (members of a zip, or files under a folder) to uint8 RGB."""
-    from PIL import Image
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as error:
+        raise DataUnavailableError("ImageFolder: decoding images needs Pillow: pip install "
+                                   "Pillow (or 'minidense[train]')") from error
 
     archive = zipfile.ZipFile(path) if zipfile.is_zipfile(path) else None
     try:
         images = []
         for member in members:
             raw = archive.read(member) if archive else (Path(path) / member).read_bytes()
-            with Image.open(io.BytesIO(raw)) as image:
-                images.append(np.asarray(image.convert("RGB")))
+            try:
+                with Image.open(io.BytesIO(raw)) as image:
+                    images.append(np.asarray(image.convert("RGB")))
+            except (UnidentifiedImageError, OSError, ValueError) as error:
+                raise DataError(f"ImageFolder: {path}: {member} is not a readable image "
+                                f"({type(error).__name__}: {error})") from None
     finally:
         if archive:
             archive.close()
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"ImageFolder: images of different sizes in {path}: {sorted(shapes)[:4]}; "
-                         f"resize them to one size first")
+        raise DataError(f"ImageFolder: images of different sizes in {path}: {sorted(shapes)[:4]}; "
+                        f"resize them to one size first")
     return np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
 
 
@@ -294,14 +307,19 @@ def ImageFolder(path, train: bool = True, workers: int | None = None, cache=None
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"ImageFolder: {path} does not exist")
+        raise DataError(f"ImageFolder: {path} does not exist")
     split = "train" if train else "test"
 
     def decode():
         entries = _list_images(path, split)
         if not entries:
-            raise ValueError(f"ImageFolder: no {split}/<class>/*.png|jpg images in {path}")
+            raise DataError(f"ImageFolder: no {split}/<class>/*.png|jpg images in {path}")
         classes = _class_names(path)
+        absent = sorted(set(classes) - {cls for _, cls in entries})
+        if absent:
+            raise DataError(f"ImageFolder: {path}: {split}/ has no images of the class(es) "
+                            f"{', '.join(absent)}, which the other split has; every class "
+                            f"needs images in both train/ and test/")
         labels = np.array([classes.index(cls) for _, cls in entries], dtype=np.int64)
         members = [name for name, _ in entries]
         n_workers = min(workers or os.cpu_count() or 1, max(1, len(members) // IMAGES_PER_WORKER))
@@ -348,36 +366,34 @@ def Digits(train: bool = True, size: int = 32) -> ImageDataset:
 # ---------------------------------------------------------------------------
 # Choosing a source by name: what the training command's --data means
 # ---------------------------------------------------------------------------
-def shared_cifar10_zip():
-    """The CIFAR-10 JPEG zip named by ``$MINIDENSE_CIFAR10``, or
-    ``../shared/data/cifar10-jpeg.zip`` beside the repository (or the working
-    folder), when it exists; else None."""
-    if os.environ.get("MINIDENSE_CIFAR10"):
-        path = Path(os.environ["MINIDENSE_CIFAR10"])
-        return path if path.is_file() else None
-    repo_root = Path(__file__).resolve().parents[2]
-    for base in (repo_root, Path.cwd()):
-        path = base.parent / "shared" / "data" / "cifar10-jpeg.zip"
-        if path.is_file():
-            return path
-    return None
+def cifar10_from_environment():
+    """The CIFAR-10 image zip or folder that ``$MINIDENSE_CIFAR10`` names, or None when
+    the variable is unset.  A name that does not exist is an error, not a silent fall-back."""
+    value = os.environ.get("MINIDENSE_CIFAR10")
+    if not value:
+        return None
+    path = Path(value)
+    if not path.exists():
+        raise DataUnavailableError(f"MINIDENSE_CIFAR10={value}: no such file or folder "
+                                   f"(unset it, or point it at a CIFAR-10 image zip or folder)")
+    return path
 
 
 def open_datasets(source=None, log=print, workers=None):
     """(train set, test set) for ``source``: "cifar10" (the binary release: cached, or
     downloaded, or a clear error), "digits" (the offline demo), or the path of an image
-    folder or .zip.  With no source: the zip of ``shared_cifar10_zip()``, else CIFAR-10
-    from the cache or the network, else, saying so, the digits demo."""
+    folder or .zip.  With no source: the zip or folder named by ``$MINIDENSE_CIFAR10``,
+    else CIFAR-10 from the cache or the network, else, saying so, the digits demo."""
     if source == "cifar10":
         return CIFAR10(train=True), CIFAR10(train=False)
     if source == "digits":
         return Digits(train=True), Digits(train=False)
     if source is not None:
         return ImageFolder(source, True, workers), ImageFolder(source, False, workers)
-    shared = shared_cifar10_zip()
-    if shared is not None:
-        log(f"data: CIFAR-10 from {shared}")
-        return ImageFolder(shared, True, workers), ImageFolder(shared, False, workers)
+    named = cifar10_from_environment()
+    if named is not None:
+        log(f"data: CIFAR-10 from {named} ($MINIDENSE_CIFAR10)")
+        return ImageFolder(named, True, workers), ImageFolder(named, False, workers)
     try:
         return CIFAR10(train=True), CIFAR10(train=False)
     except DataUnavailableError as error:

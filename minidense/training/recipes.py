@@ -6,6 +6,8 @@ the defaults are applied).  From it, ``build_model``, ``build_optimizer`` and
 """
 from __future__ import annotations
 
+import difflib
+import re
 import shutil
 
 import minidense as md
@@ -29,12 +31,17 @@ DEFAULTS = dict(model="resnet20", model_args="", epochs=30, batch_size=128, lr=0
 DEMO_EPOCHS = 10  # the offline digits demo, when --epochs is not given (about 94% test accuracy)
 CPU_EPOCHS = 5    # CIFAR-10 on a CPU, when --epochs is not given: ~75% in about half an hour on 2 cores
 
+class SettingsError(ValueError):
+    """A setting that cannot work.  The command reports it like a bad option: one line,
+    exit status 2."""
+
+
 def parse_model_args(text: str) -> dict:
     """'depth=10,growth_rate=4,bottleneck=true' -> {'depth': 10, 'growth_rate': 4, ...}."""
     kwargs = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         if "=" not in item:
-            raise SystemExit(f"--model-args: expected key=value, got {item!r}")
+            raise SettingsError(f"--model-args: expected key=value, got {item!r}")
         key, value = (s.strip() for s in item.split("=", 1))
         if value.lower() in ("true", "false"):
             kwargs[key] = value.lower() == "true"
@@ -53,6 +60,42 @@ def parse_model_args(text: str) -> dict:
 def build_model(settings: dict, num_classes: int):
     return models.get(settings["model"], num_classes=num_classes,
                       **parse_model_args(settings.get("model_args", "")))
+
+
+def check_model(name: str, model_args: str) -> None:
+    """Raise ``SettingsError`` unless ``models.get(name, **model_args)`` builds: an unknown
+    name (with the closest known ones), a parameter the model lacks or that its name
+    already fixes (resnet20 with depth=7), or a value it refuses.  It builds the model
+    once, which is the only check that knows every constructor's rules."""
+    known = models.list_models() + ["densenet_cifar", "resnet_cifar"]
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+        raise SettingsError(f"--model: unknown model {name!r}; "
+                            + (f"the closest names: {', '.join(close)}" if close else
+                               f"the names: {', '.join(known)}"))
+    kwargs = parse_model_args(model_args)
+    if "num_classes" in kwargs:
+        raise SettingsError("--model-args: num_classes comes from the data; leave it out")
+    try:
+        models.get(name, **kwargs)
+    except TypeError as error:
+        message = str(error)
+        fixed = re.search(r"multiple values for (?:keyword )?argument '(\w+)'", message)
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", message)
+        if fixed:
+            # The named CIFAR models are densenet_cifar / resnet_cifar with fixed arguments.
+            cifar = re.fullmatch(r"resnet\d+|densenet(_bc)?\d+_k\d+", name) and \
+                name not in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+            hint = (f"; use --model {name.split('_')[0].rstrip('0123456789')}_cifar to choose it"
+                    if cifar else "")
+            raise SettingsError(f"--model-args: {name} already fixes {fixed.group(1)}{hint}") \
+                from None
+        if unknown:
+            raise SettingsError(f"--model-args: {name} has no parameter "
+                                f"{unknown.group(1)!r}") from None
+        raise SettingsError(f"--model-args for {name}: {message}") from None
+    except ValueError as error:
+        raise SettingsError(f"--model-args for {name}: {error}") from None
 
 
 def build_optimizer(settings: dict, parameters):

@@ -7,6 +7,11 @@ step) alone, and a checkpoint holds the model, the optimizer, the scheduler, the
 position in the run and the running sums of the current epoch.  So a run that is
 stopped (after an epoch, or by Ctrl-C in the middle of one) and resumed produces the
 same numbers as one that never stopped.
+
+A diverged run (a non-finite loss, parameter or BN statistic) stops with ``Diverged``
+and never writes its weights over the last good checkpoint.  On the CPU the loss is
+checked after every step (a host scalar, free); on a GPU only where the loop already
+waits for the device (the progress display); the whole model before every save.
 """
 from __future__ import annotations
 
@@ -22,10 +27,22 @@ import numpy as np
 import minidense as md
 from minidense import backend, data
 
-from .recipes import (CPU_EPOCHS, DEMO_EPOCHS, build_model, build_optimizer, build_scheduler,
-                      choose_device)
+from .recipes import (CPU_EPOCHS, DEMO_EPOCHS, SettingsError, build_model, build_optimizer,
+                      build_scheduler, choose_device)
 from .reporting import (EpochProgress, RunningSums, evaluate_model, format_duration,
                         peak_memory_mb, summarize, write_metrics)
+
+class Diverged(RuntimeError):
+    """The run produced a non-finite loss, parameter or BN statistic; nothing non-finite
+    was saved.  The message names the epoch, the batch and the last finite loss."""
+
+
+def non_finite_entries(state: dict) -> list:
+    """The names of the floating-point arrays of a (host) state dict that hold a NaN or
+    an infinity."""
+    return [name for name, value in state.items()
+            if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all()]
+
 
 class InterruptRequest:
     """Ctrl-C asks the run to stop after the current batch and save a checkpoint (a
@@ -90,6 +107,9 @@ class TrainingRun:
             train_set = train_set.subset(settings["subset"])
         if settings["test_subset"]:
             test_set = test_set.subset(settings["test_subset"])
+        if len(train_set) < settings["batch_size"]:
+            raise SettingsError(f"the training set has {len(train_set)} images, fewer than one "
+                                f"batch (--batch-size {settings['batch_size']}): no training step")
         self.train_set, self.test_set = train_set, test_set
         self.data_name = data_name_of(train_set)
         self.mean, self.std = normalization or data.channel_mean_std(train_set.images)
@@ -115,6 +135,7 @@ class TrainingRun:
         # Where the run continues: epoch, batch, and the epoch's sums so far.
         self.start_epoch, self.start_step = 0, 0
         self.partial = dict(loss_sum=0.0, correct=0, seen=0, train_time=0.0)
+        self.last_finite_loss = math.nan   # for the message of a diverged run
 
     # -- checkpoints -----------------------------------------------------------
     def state(self, epoch, step, sums=None, train_time=0.0) -> dict:
@@ -141,8 +162,8 @@ class TrainingRun:
 
     def restore(self, checkpoint: dict) -> None:
         if checkpoint["classes"] != self.train_set.classes:
-            raise SystemExit(f"--resume: the checkpoint was trained on classes "
-                             f"{checkpoint['classes']}, the data has {self.train_set.classes}")
+            raise SettingsError(f"--resume: the checkpoint was trained on classes "
+                                f"{checkpoint['classes']}, the data has {self.train_set.classes}")
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -158,9 +179,28 @@ class TrainingRun:
                  f"{self.start_step + 1} of {self.steps_per_epoch}")
 
     def save(self, state: dict, best: bool = False) -> None:
+        """Write last.npz (and best.npz) atomically, after checking that every weight
+        and statistic is finite: a diverged run never overwrites a good checkpoint."""
+        bad = non_finite_entries(state["model"])
+        if bad:
+            progress = state["progress"]
+            self.diverged(progress["epoch"] - (progress["step"] == 0), progress["step"] or
+                          self.steps_per_epoch, f"non-finite values in {', '.join(bad[:3])}"
+                          f"{', ...' if len(bad) > 3 else ''} ({len(bad)} of the model's arrays)")
         md.save(state, self.out / "last.npz")
         if best:
             md.save(state, self.out / "best.npz")
+
+    def diverged(self, epoch, step, what):
+        """Stop the run: raise ``Diverged`` naming the epoch and batch (``epoch`` counts
+        from 0, ``step`` from 1) and saying what the last checkpoint holds."""
+        last = self.out / "last.npz"
+        kept = (f"{last} still holds the last good checkpoint" if last.is_file() else
+                "no checkpoint was written")
+        raise Diverged(f"the run diverged at epoch {epoch + 1}, batch {step} of "
+                       f"{self.steps_per_epoch}: {what}; the last finite training loss was "
+                       f"{self.last_finite_loss:.4g}. Nothing non-finite was saved ({kept}). "
+                       f"Try a lower --lr (this run: {self.settings['lr']:g}).")
 
     # -- training --------------------------------------------------------------
     def train_epoch(self, epoch, interrupt, on_step=None):
@@ -177,11 +217,20 @@ class TrainingRun:
         bar = EpochProgress(epoch, self.epochs, self.steps_per_epoch, first_step)
         model.train()
         start, last_shown, seen_here, step = time.perf_counter(), 0.0, 0, first_step
+        # On the CPU the loss is a host scalar: checking it every step costs nothing.
+        # On a GPU that would wait for the device every step; it is checked below, where
+        # the progress display waits anyway.
+        check_every_step = self.device == "cpu"
         with contextlib.closing(self.train_loader.iterate(epoch, first_step)) as batches:
             for images, labels in batches:
                 md.manual_seed(step_seed(self.seed, epoch, step))   # dropout masks
                 logits = model(images)
                 loss = md.cross_entropy(logits, labels)
+                if check_every_step:
+                    value = float(loss.data)
+                    if not math.isfinite(value):
+                        self.diverged(epoch, step + 1, f"the loss is {value}")
+                    self.last_finite_loss = value
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -195,7 +244,12 @@ class TrainingRun:
                 now = time.perf_counter()
                 if now - last_shown > 0.5 or step == self.steps_per_epoch:
                     last_shown = now
-                    bar.update(step, sums.values(), seen_here / (now - start))
+                    stats = sums.values()   # waits for the device
+                    if not math.isfinite(stats[0]):
+                        self.diverged(epoch, step, f"the running training loss is {stats[0]}")
+                    if not check_every_step:
+                        self.last_finite_loss = stats[0]
+                    bar.update(step, stats, seen_here / (now - start))
                 if interrupt.requested and step < self.steps_per_epoch:
                     bar.close()
                     self.save(self.state(epoch, step, sums, time_before + now - start))
@@ -243,7 +297,9 @@ class TrainingRun:
                  f"output: {self.out}")
         session_start = time.perf_counter()
         resume_hint = f"continue with: python -m minidense.train --resume --out {self.out}"
-        with InterruptRequest(self.log) as interrupt:
+        # NumPy's overflow warnings would bury the one message of a diverged run, which
+        # the checks below give instead.
+        with InterruptRequest(self.log) as interrupt, np.errstate(over="ignore", invalid="ignore"):
             for epoch in range(self.start_epoch, self.epochs):
                 trained = self.train_epoch(epoch, interrupt, on_step)
                 if trained is None:
