@@ -174,3 +174,59 @@ _CUDA_KERNELS = {
         """,
     ),
 }
+
+
+def use_gpu(index: int) -> None:
+    """Make GPU ``index`` (modulo the GPUs this machine has) CuPy's current device: one
+    GPU per rank of a data-parallel job, picked by its rank on the machine."""
+    if _cupy is None:
+        raise RuntimeError("use_gpu: CuPy is not installed")
+    _cupy.cuda.Device(index % _cupy.cuda.runtime.getDeviceCount()).use()
+
+
+class NcclGroup:
+    """An NCCL communicator (``cupy.cuda.nccl.NcclCommunicator``) for CuPy arrays, on the
+    current stream: what ``minidense.distributed`` uses for device arrays.
+    ``NcclGroup.single()`` makes a 1-rank one, which needs no MPI (the GPU smoke test)."""
+
+    ID_BYTES = 128   # NCCL_UNIQUE_ID_BYTES
+
+    def __init__(self, size: int, rank: int, unique_id):
+        if _cupy is None:
+            raise RuntimeError("NcclGroup: CuPy is not installed")
+        from cupy.cuda import nccl
+        self.nccl = nccl
+        self.comm = nccl.NcclCommunicator(size, unique_id, rank)
+
+    @staticmethod
+    def unique_id():
+        from cupy.cuda import nccl
+        return nccl.get_unique_id()
+
+    @classmethod
+    def single(cls) -> "NcclGroup":
+        return cls(1, 0, cls.unique_id())
+
+    def _type(self, array):
+        types = {np.dtype(np.float32): self.nccl.NCCL_FLOAT32,
+                 np.dtype(np.float64): self.nccl.NCCL_FLOAT64,
+                 np.dtype(np.float16): self.nccl.NCCL_FLOAT16,
+                 np.dtype(np.int64): self.nccl.NCCL_INT64,
+                 np.dtype(np.int32): self.nccl.NCCL_INT32}
+        if np.dtype(array.dtype) not in types:
+            raise TypeError(f"NcclGroup: no NCCL type for {array.dtype}")
+        if not array.flags.c_contiguous:
+            raise ValueError("NcclGroup: arrays must be C-contiguous")
+        return types[np.dtype(array.dtype)]
+
+    def allreduce(self, array):
+        """Sum ``array`` over the ranks, in place."""
+        self.comm.allReduce(array.data.ptr, array.data.ptr, array.size, self._type(array),
+                            self.nccl.NCCL_SUM, _cupy.cuda.get_current_stream().ptr)
+        return array
+
+    def broadcast(self, array, root: int = 0):
+        """Overwrite ``array`` with rank ``root``'s, in place."""
+        self.comm.broadcast(array.data.ptr, array.data.ptr, array.size, self._type(array), root,
+                            _cupy.cuda.get_current_stream().ptr)
+        return array

@@ -20,10 +20,11 @@ import argparse
 import math
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import minidense as md
-from minidense import data, models
+from minidense import data, distributed, models
 from minidense.training.recipes import (CPU_EPOCHS, DEFAULTS, DEMO_EPOCHS, RECIPES,
                                         SettingsError, check_model)
 from minidense.training.trainer import Diverged, train
@@ -35,8 +36,19 @@ EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 RESUMABLE_CHANGES = {"out", "resume", "device", "stop_after", "plot", "workers", "eval_every", "data"}
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser, but under an MPI launcher only rank 0 prints the error: every
+    rank exits with status 2, before any communication."""
+
+    def error(self, message):
+        if distributed.is_main_process():
+            self.print_usage(sys.stderr)
+            sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="minidense-train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a DenseNet or ResNet from md.models on CIFAR-10 (or an image folder).",
         epilog="Recipes: " + "; ".join(f"{k}: " + ", ".join(f"{a}={v}" for a, v in r.items())
@@ -84,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: every core)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
                    help="write curves.png at the end (default on; --no-plot to skip)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="under mpiexec: batch-norm statistics over every rank's batch (default "
+                        "off: each rank's own, averaged before every evaluation and save)")
     return p
 
 
@@ -148,6 +163,11 @@ def check_settings(settings: dict, given: dict) -> None:
                             f"(0, 1), got {settings['milestones']}")
     if not (0 < settings["gamma"] <= 1):
         raise SettingsError(f"--gamma must be in (0, 1], got {settings['gamma']}")
+    launched = distributed.launcher_rank_and_size()
+    ranks = launched[1] if launched else 1
+    if settings["batch_size"] % ranks:
+        raise SettingsError(f"--batch-size {settings['batch_size']} (the global batch) does not "
+                            f"divide evenly over the {ranks} processes")
     if settings["subset"] and settings["subset"] < settings["batch_size"]:
         raise SettingsError(f"--subset {settings['subset']} is smaller than one batch "
                             f"(--batch-size {settings['batch_size']}): no training step")
@@ -228,11 +248,21 @@ def resume_settings(saved: dict, given: dict, checkpoint_path: Path) -> dict:
 # ---------------------------------------------------------------------------
 def main(argv=None) -> int:
     """Exit statuses: 0 done, 1 a data error, 2 a bad option or an unusable checkpoint,
-    3 a diverged run (nothing non-finite is saved), 130 Ctrl-C."""
+    3 a diverged run (nothing non-finite is saved), 130 Ctrl-C.  Under mpiexec, every
+    option is checked before MPI starts, and rank 0 alone reports; a failure of one rank
+    after that aborts the whole job, so that no rank waits forever for another."""
     parser = build_parser()
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
-    checkpoint = None
+    checkpoint, comm = None, None
+
+    def fail(status, message):
+        if comm is None or comm.is_main:
+            print(f"{parser.prog}: {message}", file=sys.stderr)
+        if comm is not None and comm.size > 1:
+            comm.abort(status)
+        return status
+
     try:
         if args.resume:
             path = find_checkpoint(args.resume, args.out, args.model or DEFAULTS["model"])
@@ -242,19 +272,29 @@ def main(argv=None) -> int:
         else:
             settings = resolve_args(args)
             check_settings(settings, given)
-        result = train(settings, checkpoint)
+        comm = distributed.init()
+        result = train(settings, checkpoint, comm=comm)
+    except distributed.DistributedError as error:
+        return fail(EXIT_USAGE, f"error: {error}")
     except SettingsError as error:
-        parser.error(str(error))   # the usage line, one error line, exit status 2
+        if comm is None or comm.size == 1:
+            parser.error(str(error))   # the usage line, one error line, exit status 2
+        return fail(EXIT_USAGE, f"error: {error}")
     except data.DataError as error:
-        print(f"{parser.prog}: data error: {error}", file=sys.stderr)
-        return EXIT_DATA
+        return fail(EXIT_DATA, f"data error: {error}")
     except Diverged as error:
-        print(f"{parser.prog}: {error}", file=sys.stderr)
-        return EXIT_DIVERGED
+        # Every rank found it at the same step (the allreduce carries the mark).
+        return fail(EXIT_DIVERGED, str(error)) if comm.is_main else EXIT_DIVERGED
     except KeyboardInterrupt:
-        print(f"\n{parser.prog}: interrupted without saving; last.npz holds the last completed "
-              f"epoch (or the last Ctrl-C save)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return fail(EXIT_INTERRUPTED, "interrupted without saving; last.npz holds the last "
+                                      "completed epoch (or the last Ctrl-C save)")
+    except Exception:
+        if comm is None or comm.size == 1:
+            raise
+        traceback.print_exc()
+        print(f"{parser.prog}: rank {comm.rank} failed: aborting all {comm.size} ranks",
+              file=sys.stderr)
+        comm.abort(1)
     return EXIT_INTERRUPTED if result["status"] == "interrupted" else EXIT_OK
 
 

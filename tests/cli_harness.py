@@ -9,6 +9,10 @@ MODE:
                     (the loss stays finite: only the check before saving sees it)
   ctrl-c-twice      Ctrl-C after batch 2 of epoch 2, and again while that checkpoint is
                     being written
+  ctrl-c-rank-1     under mpiexec: Ctrl-C to rank 1 alone, after batch 2 of epoch 2
+  fail-rank-1       under mpiexec: rank 1 raises an exception in its 3rd update
+  batch-sizes       writes the sizes of this rank's training batches to
+                    $HARNESS_OUT/batch-sizes-<rank>.json at the end
 
 The events are planted through the command's own seams (the optimizer's step, the
 per-step seed, the atomic writer), so the command itself runs unchanged.
@@ -21,7 +25,7 @@ import sys
 import numpy as np
 
 import minidense as md
-from minidense import train
+from minidense import distributed, train
 from minidense.training import trainer
 
 mode, argv = sys.argv[1], sys.argv[2:]
@@ -55,10 +59,10 @@ if mode in ("nan-weight", "inf-statistic"):
 elif mode == "ctrl-c-twice":
     step_seed = trainer.step_seed
 
-    def seed_and_press(seed, epoch, step):
+    def seed_and_press(seed, epoch, step, rank=0):
         if (epoch, step) == (1, 2):   # before batch 3 of epoch 2: after batch 2's update
             os.kill(os.getpid(), signal.SIGINT)
-        return step_seed(seed, epoch, step)
+        return step_seed(seed, epoch, step, rank)
 
     trainer.step_seed = seed_and_press
     atomic_write = md.io.atomic_write
@@ -89,6 +93,45 @@ elif mode == "ctrl-c-twice":
             yield file
 
     md.io.atomic_write = press_while_writing
+
+elif mode == "ctrl-c-rank-1":
+    step_seed = trainer.step_seed
+
+    def seed_and_press_on_rank_1(seed, epoch, step, rank=0):
+        if (epoch, step, rank) == (1, 2, 1):
+            os.kill(os.getpid(), signal.SIGINT)
+        return step_seed(seed, epoch, step, rank)
+
+    trainer.step_seed = seed_and_press_on_rank_1
+
+elif mode == "fail-rank-1":
+    step = md.optim.SGD.step
+
+    def failing_step(self):
+        steps["n"] += 1
+        if steps["n"] == 3 and distributed.launcher_rank_and_size()[0] == 1:
+            raise RuntimeError("planted failure in rank 1")
+        step(self)
+
+    md.optim.SGD.step = failing_step
+
+elif mode == "batch-sizes":
+    import atexit
+    import json
+    make_batch = md.data.DataLoader.make_batch
+    sizes = []
+
+    def recording_make_batch(self, plan, index):
+        images, labels = make_batch(self, plan, index)
+        if self.drop_last:   # the training loader
+            sizes.append(int(images.shape[0]))
+        return images, labels
+
+    md.data.DataLoader.make_batch = recording_make_batch
+    rank = (distributed.launcher_rank_and_size() or (0, 1))[0]
+    atexit.register(lambda: open(os.path.join(os.environ["HARNESS_OUT"],
+                                              f"batch-sizes-{rank}.json"), "w").write(
+        json.dumps(sizes)))
 
 elif mode != "plain":
     raise SystemExit(f"cli_harness: unknown mode {mode!r}")

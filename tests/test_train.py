@@ -248,3 +248,10 @@ def test_auto_device_explains_an_unusable_gpu(monkeypatch):
     monkeypatch.setattr(recipes.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
     assert recipes.choose_device("auto", messages.append) == "cpu"
     assert "cupy-cuda12x" in messages[0] and "cupy-cuda13x" in messages[0]
+
+
+def test_sync_bn_in_one_process_changes_nothing(straight_run, tmp_path):
+    out = tmp_path / "sync"
+    assert train.main(TINY + ["--out", str(out), "--sync-bn"]) == 0
+    assert exact(reporting.read_metrics(out / "metrics.jsonl")) == \
+        exact(reporting.read_metrics(straight_run / "metrics.jsonl"))

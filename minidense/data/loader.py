@@ -85,11 +85,16 @@ class DataLoader:
 
     ``iter(loader)`` gives epoch ``loader.epoch`` and then moves to the next epoch;
     ``loader.iterate(epoch, start)`` gives any epoch from any batch.
+
+    ``shard=(rank, size)``: data-parallel training.  ``batch_size`` is then the global
+    batch, and this loader gives rank ``rank``'s part of each one (of the same order,
+    crops and flips as a single process), so N ranks together see exactly what one
+    process sees; a part may be empty at the end of an epoch without ``drop_last``.
     """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
                  augment: bool = False, pad: int = 4, mean=None, std=None, device: str = "cpu",
-                 seed: int = 0, prefetch: int = 2, dtype=np.float32):
+                 seed: int = 0, prefetch: int = 2, dtype=np.float32, shard=None):
         if batch_size < 1:
             raise ValueError(f"DataLoader: batch_size must be at least 1, got {batch_size}")
         if drop_last and len(dataset) < batch_size:
@@ -102,6 +107,10 @@ class DataLoader:
         self.std = np.ones(channels) if std is None else np.asarray(std, dtype=np.float64)
         self.device = backend.check_device(device)
         self.seed, self.prefetch, self.dtype = seed, prefetch, dtype
+        if shard is not None and not (0 <= shard[0] < shard[1]):
+            raise ValueError(f"DataLoader: shard must be (rank, size) with 0 <= rank < size, "
+                             f"got {shard}")
+        self.shard = shard
         self.xp = backend.array_module(self.device)
         self.normalization = normalization_constants(self.mean, self.std, self.xp, dtype)
         self.epoch = 0
@@ -123,10 +132,20 @@ class DataLoader:
             offsets, flips = map(self.xp.asarray, augmentation_parameters(rng, n, self.pad))
         return order, labels, offsets, flips
 
+    def batch_slice(self, index: int) -> slice:
+        """Where batch ``index`` (this shard's part of it) lies in an epoch's order."""
+        start = index * self.batch_size
+        stop = min(start + self.batch_size, len(self.dataset))
+        if self.shard is not None:
+            rank, size = self.shard
+            start, stop = (start + (stop - start) * rank // size,
+                           start + (stop - start) * (rank + 1) // size)
+        return slice(start, stop)
+
     def make_batch(self, plan, index: int):
         """Batch ``index`` of an epoch's ``plan``, as (images, labels) Tensors on the device."""
         order, labels, offsets, flips = plan
-        picked = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        picked = self.batch_slice(index)
         images = self.xp.asarray(self.dataset.images[order[picked]])   # the one copy per batch
         if self.augment:
             images = random_crop_flip(images, offsets[picked], flips[picked], self.pad)
@@ -136,7 +155,8 @@ class DataLoader:
     def iterate(self, epoch: int, start: int = 0):
         """The batches of ``epoch``, from batch ``start`` on."""
         plan = self.plan(epoch)
-        indices = range(start, len(self))
+        indices = [i for i in range(start, len(self)) if self.shard is None or
+                   self.batch_slice(i).stop > self.batch_slice(i).start]
         if self.prefetch <= 0:
             for index in indices:
                 yield self.make_batch(plan, index)

@@ -13,6 +13,10 @@ class BatchNorm(Function):
     running statistics in place, as PyTorch does (running_var gets the unbiased
     variance).  Eval mode uses the running statistics.
     Keeps: the normalised input x_hat, 1/sqrt(var + eps) per channel, and gamma.
+
+    ``batch_statistics`` and ``statistics_gradient_sums`` are the two places where the
+    batch's values are summed; ``minidense.distributed.SyncBatchNormFunction`` overrides
+    them to sum over every process's batch.
     """
 
     def __init__(self, running_mean=None, running_var=None, training=True, momentum=0.1, eps=1e-5):
@@ -35,9 +39,8 @@ class BatchNorm(Function):
             if count < 2:
                 raise ValueError(f"batch_norm: training needs more than one value per channel, "
                                  f"got input of shape {tuple(x.shape)}")
-            mean = _channel_sum(x) / count
-            centred = x - mean.reshape(bshape)
-            var = _channel_dot(centred, centred) / count
+            mean, centred, var, count = self.batch_statistics(x, bshape)
+            self.count = count
             if self.running_mean is not None:
                 m = self.momentum
                 self.running_mean *= 1 - m
@@ -68,14 +71,28 @@ class BatchNorm(Function):
         if self.training:
             # d/dx of the batch statistics: remove the mean and the x_hat component,
             # gx = scale * (gy - gbeta/count - x_hat * ggamma/count), in place on one array.
-            count = gy.size // gy.shape[1]
-            gx = x_hat * (-ggamma / count).reshape(bshape)
+            count = self.count
+            sum_gy, sum_gy_x_hat = self.statistics_gradient_sums(gbeta, ggamma)
+            gx = x_hat * (-sum_gy_x_hat / count).reshape(bshape)
             gx += gy
-            gx -= (gbeta / count).reshape(bshape)
+            gx -= (sum_gy / count).reshape(bshape)
             gx *= scale
         else:
             gx = gy * scale
         return gx, ggamma, gbeta
+
+    def batch_statistics(self, x, bshape):
+        """(mean, x - mean, biased variance, values per channel) over every axis but 1."""
+        count = x.size // x.shape[1]
+        mean = _channel_sum(x) / count
+        centred = x - mean.reshape(bshape)
+        var = _channel_dot(centred, centred) / count
+        return mean, centred, var, count
+
+    def statistics_gradient_sums(self, gbeta, ggamma):
+        """The sums over the batch of gy and of gy * x_hat that the gradient through the
+        batch statistics needs (here the parameter gradients themselves)."""
+        return gbeta, ggamma
 
 
 def _channel_sum(x):

@@ -35,16 +35,22 @@ class RunningSums:
         self.correct = self.correct + (logits.data.argmax(axis=1) == labels.data).sum()
         self.seen += n
 
-    def values(self):
-        """(mean loss, accuracy in %, images); syncs with the device."""
-        if self.seen == 0:
+    def values(self, comm=None):
+        """(mean loss, accuracy in %, images); syncs with the device.  With ``comm``, of
+        every rank's images together (every rank must call it)."""
+        loss_sum, correct, seen = float(self.loss_sum), int(self.correct), self.seen
+        if comm is not None:
+            loss_sum, correct, seen = comm.sum_numbers(loss_sum, correct, seen)
+            correct, seen = int(correct), int(seen)
+        if seen == 0:
             return math.nan, math.nan, 0
-        return float(self.loss_sum) / self.seen, 100.0 * int(self.correct) / self.seen, self.seen
+        return loss_sum / seen, 100.0 * correct / seen, seen
 
 
-def evaluate_model(model, loader, num_classes=None):
+def evaluate_model(model, loader, num_classes=None, comm=None):
     """Loss, accuracy (%) and, with ``num_classes``, the confusion matrix (rows: true
-    class, columns: prediction) of ``model`` on ``loader``, in eval mode, no graph."""
+    class, columns: prediction) of ``model`` on ``loader``, in eval mode, no graph.
+    With ``comm``, the sums of every rank's part of the test set (every rank calls it)."""
     model.eval()
     xp = backend.array_module(loader.device)
     sums = RunningSums(xp)
@@ -56,7 +62,9 @@ def evaluate_model(model, loader, num_classes=None):
             if confusion is not None:
                 predicted = backend.to_numpy(logits.data.argmax(axis=1))
                 np.add.at(confusion, (labels.numpy(), predicted), 1)
-    loss, accuracy, _ = sums.values()
+    loss, accuracy, _ = sums.values(comm)
+    if confusion is not None and comm is not None:
+        confusion = comm.allreduce(confusion)
     return loss, accuracy, confusion
 
 

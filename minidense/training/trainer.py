@@ -8,6 +8,12 @@ position in the run and the running sums of the current epoch.  So a run that is
 stopped (after an epoch, or by Ctrl-C in the middle of one) and resumed produces the
 same numbers as one that never stopped.
 
+Data-parallel (``mpiexec -n N``, ``minidense.distributed``): every rank trains on its
+part of each global batch (the same order, crops and flips as one process), the
+gradients and the BN running statistics are averaged over the ranks in one allreduce per
+step, which also carries the "stop" (Ctrl-C, SIGTERM) and "diverged" marks, so that
+every rank stops at the same step.  Rank 0 alone prints and writes files.
+
 A diverged run (a non-finite loss, parameter or BN statistic) stops with ``Diverged``
 and never writes its weights over the last good checkpoint.  On the CPU the loss is
 checked after every step (a host scalar, free); on a GPU only where the loop already
@@ -25,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import minidense as md
-from minidense import backend, data
+from minidense import backend, data, distributed
 
 from .recipes import (CPU_EPOCHS, DEMO_EPOCHS, SettingsError, build_model, build_optimizer,
                       build_scheduler, choose_device)
@@ -45,12 +51,15 @@ def non_finite_entries(state: dict) -> list:
 
 
 class InterruptRequest:
-    """Ctrl-C asks the run to stop after the current batch and save a checkpoint (a
-    KeyboardInterrupt in the middle of an update would leave the weights half
-    updated); a second Ctrl-C stops at once."""
+    """Ctrl-C (or SIGTERM, as a cluster's scheduler sends before it kills) asks the run
+    to stop after the current batch and save a checkpoint (a KeyboardInterrupt in the
+    middle of an update would leave the weights half updated); a second one stops at
+    once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, log):
-        self.requested, self.log, self.previous = False, log, None
+        self.requested, self.log, self.previous = False, log, {}
 
     def handle(self, signum, frame):
         if self.requested:
@@ -61,18 +70,19 @@ class InterruptRequest:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.handle)
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
         return False
 
 
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    """The dropout seed of one training step, a function of (seed, epoch, step) only."""
-    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0])
+def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """The dropout seed of one training step of one rank, a function of (seed, epoch,
+    step, rank) only."""
+    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0])
 
 def default_out(settings: dict, data_name: str) -> Path:
     """runs/<model>-<data>, or with -2, -3, ... when that folder already holds a run."""
@@ -92,12 +102,21 @@ class TrainingRun:
     """One run: its data, model, optimizer, schedule and output folder, its history,
     and (after ``restore``) the point it continues from."""
 
-    def __init__(self, settings: dict, log=print, normalization=None):
+    def __init__(self, settings: dict, log=print, normalization=None, comm=None):
         self.settings = settings = dict(settings)
-        self.log = log
+        self.comm = comm = comm or distributed.SingleProcess()
+        self.log = log = log if comm.is_main else (lambda *args, **kwargs: None)
         self.device = choose_device(settings["device"], log)
+        if comm.size > 1 and self.device == "cuda":
+            backend.use_gpu(comm.local_rank)
+        settings["world_size"] = comm.size
+        # Rank 0 decodes (and caches) the images first; the others then read its cache.
+        if not comm.is_main:
+            comm.barrier()
         train_set, test_set = data.open_datasets(settings["data"], log=log,
                                                  workers=settings["workers"] or None)
+        if comm.is_main and comm.size > 1:
+            comm.barrier()
         settings["data_used"] = train_set.source
         if train_set.name.startswith("digits") and not settings["epochs_given"]:
             settings["epochs"] = DEMO_EPOCHS
@@ -117,18 +136,24 @@ class TrainingRun:
         self.seed = settings["seed"]
         md.manual_seed(self.seed)
         self.model = build_model(settings, train_set.num_classes).to(self.device)
+        if settings.get("sync_bn"):
+            distributed.sync_batchnorm(self.model, comm)
         self.optimizer = build_optimizer(settings, self.model.parameters())
+        # Each rank gets its part of every global batch (shard=None: all of it).
+        shard = (comm.rank, comm.size) if comm.size > 1 else None
         self.train_loader = data.DataLoader(
             train_set, settings["batch_size"], shuffle=True, drop_last=True,
             augment=settings["augment"], mean=self.mean, std=self.std, device=self.device,
-            seed=self.seed)
+            seed=self.seed, shard=shard)
         self.test_loader = data.DataLoader(test_set, max(settings["batch_size"], 256),
-                                           mean=self.mean, std=self.std, device=self.device)
+                                           mean=self.mean, std=self.std, device=self.device,
+                                           shard=shard)
         self.steps_per_epoch = len(self.train_loader)
         self.scheduler = build_scheduler(settings, self.optimizer, self.steps_per_epoch)
         self.epochs = settings["epochs"]
         self.out = Path(settings["out"]) if settings["out"] else default_out(settings, self.data_name)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if comm.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         settings["out"] = str(self.out)
 
         self.history, self.best_acc, self.best_epoch = [], -1.0, 0
@@ -136,12 +161,16 @@ class TrainingRun:
         self.start_epoch, self.start_step = 0, 0
         self.partial = dict(loss_sum=0.0, correct=0, seen=0, train_time=0.0)
         self.last_finite_loss = math.nan   # for the message of a diverged run
+        self.stopping = False   # a stop that every rank has agreed on
 
     # -- checkpoints -----------------------------------------------------------
     def state(self, epoch, step, sums=None, train_time=0.0) -> dict:
-        """Everything needed to continue from batch ``step`` of epoch ``epoch``."""
-        loss_sum, correct, seen = ((float(sums.loss_sum), int(sums.correct), sums.seen)
+        """Everything needed to continue from batch ``step`` of epoch ``epoch``.  Every
+        rank calls it (the epoch's sums so far are added up over the ranks)."""
+        loss_sum, correct, seen = (self.comm.sum_numbers(float(sums.loss_sum),
+                                                         int(sums.correct), sums.seen)
                                    if sums is not None else (0.0, 0, 0))
+        correct, seen = int(correct), int(seen)
         keys = list(self.history[0]) if self.history else []
         return {
             "model": dict(self.model.state_dict()),
@@ -170,11 +199,14 @@ class TrainingRun:
         progress = checkpoint["progress"]
         self.start_epoch, self.start_step = int(progress["epoch"]), int(progress["step"])
         self.partial = {k: progress[k] for k in ("loss_sum", "correct", "seen", "train_time")}
+        if not self.comm.is_main:   # the epoch's sums so far are the whole job's: count them once
+            self.partial.update(loss_sum=0.0, correct=0, seen=0)
         self.best_acc, self.best_epoch = float(checkpoint["best_acc"]), int(checkpoint["best_epoch"])
         saved = checkpoint["history"]
         count = len(next(iter(saved.values()))) if saved else 0
         self.history = [{k: _history_value(k, saved[k][i]) for k in saved} for i in range(count)]
-        write_metrics(self.out, self.history)
+        if self.comm.is_main:
+            write_metrics(self.out, self.history)
         self.log(f"resuming {self.out} at epoch {self.start_epoch + 1}, batch "
                  f"{self.start_step + 1} of {self.steps_per_epoch}")
 
@@ -187,6 +219,8 @@ class TrainingRun:
             self.diverged(progress["epoch"] - (progress["step"] == 0), progress["step"] or
                           self.steps_per_epoch, f"non-finite values in {', '.join(bad[:3])}"
                           f"{', ...' if len(bad) > 3 else ''} ({len(bad)} of the model's arrays)")
+        if not self.comm.is_main:
+            return
         md.save(state, self.out / "last.npz")
         if best:
             md.save(state, self.out / "best.npz")
@@ -213,26 +247,39 @@ class TrainingRun:
         sums = RunningSums(xp, **{k: self.partial[k] for k in ("loss_sum", "correct", "seen")}) \
             if resumed else RunningSums(xp)
         time_before = float(self.partial["train_time"]) if resumed else 0.0
-        model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
-        bar = EpochProgress(epoch, self.epochs, self.steps_per_epoch, first_step)
+        model, optimizer, scheduler, comm = self.model, self.optimizer, self.scheduler, self.comm
+        parameters, buffers = list(model.parameters()), [b for _, b in model.named_buffers()]
+        bar = EpochProgress(epoch, self.epochs, self.steps_per_epoch, first_step) \
+            if comm.is_main else None
         model.train()
         start, last_shown, seen_here, step = time.perf_counter(), 0.0, 0, first_step
-        # On the CPU the loss is a host scalar: checking it every step costs nothing.
-        # On a GPU that would wait for the device every step; it is checked below, where
-        # the progress display waits anyway.
-        check_every_step = self.device == "cpu"
+        # On the CPU the loss is a host scalar: checking it every step costs nothing.  On
+        # a GPU that would wait for the device every step: one process checks it where
+        # the progress display waits anyway (below); several check it every step, as a
+        # device flag in the allreduce that waits for the device in any case.
+        check_on_host = self.device == "cpu"
         with contextlib.closing(self.train_loader.iterate(epoch, first_step)) as batches:
             for images, labels in batches:
-                md.manual_seed(step_seed(self.seed, epoch, step))   # dropout masks
+                md.manual_seed(step_seed(self.seed, epoch, step, comm.rank))   # dropout masks
                 logits = model(images)
                 loss = md.cross_entropy(logits, labels)
-                if check_every_step:
+                if check_on_host:
                     value = float(loss.data)
-                    if not math.isfinite(value):
-                        self.diverged(epoch, step + 1, f"the loss is {value}")
-                    self.last_finite_loss = value
+                    bad = 0.0 if math.isfinite(value) else 1.0
+                else:
+                    bad = (~xp.isfinite(loss.data)).astype(xp.float32) if comm.size > 1 else 0.0
                 optimizer.zero_grad()
                 loss.backward()
+                # One allreduce: the gradients and BN statistics averaged over the ranks,
+                # and the marks summed, so that every rank stops at the same step.
+                stop, bad = comm.average_gradients(parameters, buffers,
+                                                   flags=(float(interrupt.requested), bad))
+                self.stopping = self.stopping or stop > 0
+                if bad:
+                    self.diverged(epoch, step + 1, "the loss is not finite" if comm.size > 1
+                                  else f"the loss is {value}")
+                if check_on_host:
+                    self.last_finite_loss = value
                 optimizer.step()
                 scheduler.step()
                 sums.add(loss, logits, labels)
@@ -242,31 +289,38 @@ class TrainingRun:
                 if on_step is not None:
                     on_step(epoch, step)
                 now = time.perf_counter()
-                if now - last_shown > 0.5 or step == self.steps_per_epoch:
+                if bar is not None and (now - last_shown > 0.5 or step == self.steps_per_epoch):
                     last_shown = now
                     stats = sums.values()   # waits for the device
-                    if not math.isfinite(stats[0]):
+                    if comm.size == 1 and not math.isfinite(stats[0]):
                         self.diverged(epoch, step, f"the running training loss is {stats[0]}")
-                    if not check_every_step:
+                    if not check_on_host:
                         self.last_finite_loss = stats[0]
-                    bar.update(step, stats, seen_here / (now - start))
-                if interrupt.requested and step < self.steps_per_epoch:
-                    bar.close()
+                    bar.update(step, stats, seen_here * comm.size / (now - start))
+                if self.should_stop(interrupt) and step < self.steps_per_epoch:
+                    if bar is not None:
+                        bar.close()
                     self.save(self.state(epoch, step, sums, time_before + now - start))
                     self.log(f"checkpoint saved: {self.out / 'last.npz'} (epoch {epoch + 1}, "
                              f"batch {step}); continue with: python -m minidense.train --resume "
                              f"--out {self.out}")
                     return None
-        bar.close()
+        if bar is not None:
+            bar.close()
         return sums, time_before + time.perf_counter() - start
+
+    def should_stop(self, interrupt) -> bool:
+        """Ctrl-C or SIGTERM: with several ranks only once every rank knows (through the
+        step's allreduce), so that they all stop at the same step."""
+        return self.stopping or (self.comm.size == 1 and interrupt.requested)
 
     def finish_epoch(self, epoch, sums, train_time) -> dict:
         """Test (when due), record the epoch's metrics, save the checkpoints and files."""
-        train_loss, train_acc, seen = sums.values()
+        train_loss, train_acc, seen = sums.values(self.comm)
         test_loss = test_acc = None
         eval_start = time.perf_counter()
         if epoch + 1 == self.epochs or (epoch + 1) % self.settings["eval_every"] == 0:
-            test_loss, test_acc, _ = evaluate_model(self.model, self.test_loader)
+            test_loss, test_acc, _ = evaluate_model(self.model, self.test_loader, comm=self.comm)
             if test_acc > self.best_acc:
                 self.best_acc, self.best_epoch = test_acc, epoch + 1
         eval_time = time.perf_counter() - eval_start
@@ -281,7 +335,8 @@ class TrainingRun:
         }
         self.history.append(row)
         self.save(self.state(epoch + 1, 0), best=self.best_epoch == epoch + 1)
-        write_metrics(self.out, self.history)
+        if self.comm.is_main:
+            write_metrics(self.out, self.history)
         return row
 
     def run(self, on_step=None) -> dict:
@@ -311,14 +366,15 @@ class TrainingRun:
                                                  if epoch + 1 < self.epochs else ""))
                 if epoch + 1 == self.epochs:
                     break
-                if interrupt.requested:
+                if self.should_stop(interrupt):
                     self.log(f"checkpoint saved: {self.out / 'last.npz'} (after epoch "
                              f"{epoch + 1}); {resume_hint}")
                     return self.result("interrupted")
                 if s["stop_after"] and epoch + 1 >= s["stop_after"]:
                     self.log(f"stopped after epoch {epoch + 1} (--stop-after); {resume_hint}")
                     return self.result("stopped")
-        summarize(self.history, self.out, s, self.data_name, self.best_epoch, self.log)
+        if self.comm.is_main:
+            summarize(self.history, self.out, s, self.data_name, self.best_epoch, self.log)
         return self.result("done")
 
     def epoch_line(self, row) -> str:
@@ -333,18 +389,20 @@ class TrainingRun:
         return {"status": status, "history": self.history, "out": self.out}
 
 
-def train(settings: dict, checkpoint: dict | None = None, log=print, on_step=None) -> dict:
+def train(settings: dict, checkpoint: dict | None = None, log=print, on_step=None,
+          comm=None) -> dict:
     """Train (or, with ``checkpoint``, resume) the run described by ``settings`` (see
-    ``resolve_args``).  ``on_step(epoch, step)`` is called after every training step.
+    ``resolve_args``).  ``on_step(epoch, step)`` is called after every training step;
+    ``comm``: the ranks to train on (``minidense.distributed.init()``; default one process).
     Returns {"status": "done" | "stopped" | "interrupted", "history": [...], "out": Path}."""
     if checkpoint is None:
-        return TrainingRun(settings, log).run(on_step)
+        return TrainingRun(settings, log, comm=comm).run(on_step)
     settings = dict(settings)
     if settings["data"] is None:
         settings["data"] = settings.get("data_used")   # the source the run started on
     normalization = checkpoint["normalization"]
     run = TrainingRun(dict(settings, epochs_given=True), log,
-                      (np.asarray(normalization["mean"]), np.asarray(normalization["std"])))
+                      (np.asarray(normalization["mean"]), np.asarray(normalization["std"])), comm)
     run.restore(checkpoint)
     return run.run(on_step)
 
