@@ -350,6 +350,8 @@ class TrainingRun:
                  f"{s['lr']} ({s['schedule']}"
                  f"{', warm-up %g epochs' % s['warmup'] if s['warmup'] else ''}), wd {s['wd']}; "
                  f"output: {self.out}")
+        if self.comm.size > 1:   # built from one seed, or loaded from one file: make sure
+            self.comm.broadcast_module(self.model)
         session_start = time.perf_counter()
         resume_hint = f"continue with: python -m minidense.train --resume --out {self.out}"
         # NumPy's overflow warnings would bury the one message of a diverged run, which
