@@ -11,9 +11,9 @@ CIFAR models default to num_classes=10, ImageNet ones to 1000.
 from __future__ import annotations
 
 from .densenet import (DenseBlock, DenseLayer, DenseNet, Transition, densenet40_k12,
-                       densenet100_k12, densenet100_k24, densenet121, densenet169, densenet201,
-                       densenet264, densenet_bc100_k12, densenet_bc190_k40, densenet_bc250_k24,
-                       densenet_cifar, densenet_imagenet)
+                       densenet100_k12, densenet100_k24, densenet121, densenet161, densenet169,
+                       densenet201, densenet264, densenet_bc100_k12, densenet_bc190_k40,
+                       densenet_bc250_k24, densenet_cifar, densenet_imagenet)
 from .network import StagedNetwork
 from .resnet import (BasicBlock, Bottleneck, ResNet, ZeroPadShortcut, resnet18, resnet20, resnet32,
                      resnet34, resnet44, resnet50, resnet56, resnet101, resnet110, resnet152,
@@ -23,7 +23,7 @@ _NAMED = {fn.__name__: fn for fn in (
     # DenseNet paper, Table 2 (CIFAR) and Table 1 (ImageNet)
     densenet40_k12, densenet100_k12, densenet100_k24,
     densenet_bc100_k12, densenet_bc250_k24, densenet_bc190_k40,
-    densenet121, densenet169, densenet201, densenet264,
+    densenet121, densenet161, densenet169, densenet201, densenet264,
     # ResNet paper, Section 4.2 (CIFAR) and Table 1 (ImageNet)
     resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202,
     resnet18, resnet34, resnet50, resnet101, resnet152,
