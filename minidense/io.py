@@ -240,10 +240,12 @@ def load(path):
         raise FileNotFoundError(f"load: no such file: {path}")
     with open(path, "rb") as f:
         head = f.read(4)
-    if path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80":  # 0x80: pickle's PROTO
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _pickle_error("load", path)
     if path.suffix.lower() == SAFETENSORS:
         return _load_safetensors(path)
+    if head[:1] == b"\x80":  # pickle's PROTO opcode: torch.save's legacy format
+        raise _pickle_error("load", path)
     try:
         if head != b"PK\x03\x04":
             raise ValueError("it does not start like a .npz (zip) file")
