@@ -9,11 +9,11 @@ with the standard CIFAR augmentation.
 """
 from .datasets import (CIFAR10, CIFAR10_CLASSES, CIFAR10_MD5, CIFAR10_URL, DataUnavailableError,
                        Digits, ImageDataset, ImageFolder, cache_dir, channel_mean_std,
-                       open_datasets, parse_cifar10_binary, shared_cifar10_zip)
+                       imagenet_classes, open_datasets, parse_cifar10_binary, shared_cifar10_zip)
 from .loader import (DataLoader, augmentation_parameters, normalization_constants, normalize,
                      random_crop_flip)
 
 __all__ = ["CIFAR10", "ImageFolder", "Digits", "ImageDataset", "DataLoader", "DataUnavailableError",
            "channel_mean_std", "random_crop_flip", "normalize", "normalization_constants",
            "augmentation_parameters", "open_datasets", "shared_cifar10_zip", "cache_dir", "parse_cifar10_binary",
-           "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CLASSES"]
+           "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CLASSES", "imagenet_classes"]
