@@ -203,9 +203,10 @@ def load_weights(model, weights):
     try:
         model.load_state_dict(state, names=shown)
     except RuntimeError as error:
-        fc = "classifier.fc.weight"
-        ours, theirs = tuple(model.state_dict()[fc].shape), tuple(np.shape(state.get(fc)))
-        if len(theirs) == 2 and theirs[1] == ours[1] and theirs[0] != ours[0]:
+        fc = dict(model.named_parameters()).get("classifier.fc.weight")
+        ours = tuple(fc.shape) if fc is not None else ()
+        theirs = tuple(np.shape(state.get("classifier.fc.weight")))
+        if len(ours) == len(theirs) == 2 and theirs[1] == ours[1] and theirs[0] != ours[0]:
             raise RuntimeError(f"{error} | the weights have {theirs[0]} classes and the model "
                                f"{ours[0]}: pass num_classes={theirs[0]}") from None
         raise
