@@ -9,6 +9,11 @@ with the same module names, so that minidense's state dict loads into them direc
 Shared by tests/test_models.py (logits and gradients agree) and
 benchmarks/train_step.py (the side-by-side training step).  Importing this module
 needs torch.
+
+``torchvision(name)`` builds torchvision's ImageNet DenseNets and ResNets with
+torchvision's own module names and layout (torchvision 0.29's models/densenet.py and
+models/resnet.py, without their options), for tests/test_pretrained.py: torchvision
+itself does not import beside the CPU build of torch these machines have.
 """
 import math
 from collections import OrderedDict
@@ -175,3 +180,139 @@ def get(name):
     if name not in CIFAR:
         raise ValueError(f"torch_twins.get: no twin for {name!r}; twins: {', '.join(CIFAR)}")
     return CIFAR[name]()
+
+
+# ---------------------------------------------------------------------------
+# torchvision's ImageNet models, under torchvision's names
+# ---------------------------------------------------------------------------
+def torchvision_densenet(growth_rate, block_config, num_init_features, num_classes=1000):
+    """torchvision.models.DenseNet (bn_size 4, no dropout): ``features`` holds conv0,
+    norm0, relu0, pool0, denseblockN (denselayerM: norm1, relu1, conv1, norm2, relu2,
+    conv2), transitionN (norm, relu, conv, pool) and norm5; ``classifier`` is a Linear."""
+    nn, F = torch.nn, torch.nn.functional
+
+    class DenseLayer(nn.Module):
+        def __init__(self, c_in):
+            super().__init__()
+            width = 4 * growth_rate
+            self.norm1, self.relu1 = nn.BatchNorm2d(c_in), nn.ReLU()
+            self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+            self.norm2, self.relu2 = nn.BatchNorm2d(width), nn.ReLU()
+            self.conv2 = nn.Conv2d(width, growth_rate, 3, padding=1, bias=False)
+
+        def forward(self, features):
+            x = self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
+            return self.conv2(self.relu2(self.norm2(x)))
+
+    class DenseBlock(nn.ModuleDict):
+        def forward(self, x):
+            features = [x]
+            for layer in self.values():
+                features.append(layer(features))
+            return torch.cat(features, 1)
+
+    class DenseNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            c = num_init_features
+            self.features = nn.Sequential(OrderedDict([
+                ("conv0", nn.Conv2d(3, c, 7, 2, 3, bias=False)), ("norm0", nn.BatchNorm2d(c)),
+                ("relu0", nn.ReLU()), ("pool0", nn.MaxPool2d(3, 2, 1))]))
+            for i, n in enumerate(block_config):
+                block = DenseBlock()
+                for j in range(n):
+                    block.add_module(f"denselayer{j + 1}", DenseLayer(c + j * growth_rate))
+                self.features.add_module(f"denseblock{i + 1}", block)
+                c += n * growth_rate
+                if i != len(block_config) - 1:
+                    self.features.add_module(f"transition{i + 1}", nn.Sequential(OrderedDict([
+                        ("norm", nn.BatchNorm2d(c)), ("relu", nn.ReLU()),
+                        ("conv", nn.Conv2d(c, c // 2, 1, bias=False)), ("pool", nn.AvgPool2d(2, 2))])))
+                    c //= 2
+            self.features.add_module("norm5", nn.BatchNorm2d(c))
+            self.classifier = nn.Linear(c, num_classes)
+
+        def forward(self, x):
+            x = F.adaptive_avg_pool2d(F.relu(self.features(x)), (1, 1))
+            return self.classifier(torch.flatten(x, 1))
+
+    return DenseNet()
+
+
+def torchvision_resnet(bottleneck, layers, num_classes=1000):
+    """torchvision.models.ResNet: conv1, bn1, relu, maxpool, layer1..layer4 (blocks
+    numbered from 0: conv1, bn1, conv2, bn2[, conv3, bn3], relu, downsample.0 / .1),
+    avgpool, fc.  Bottlenecks subsample in conv2, the 3x3 convolution (ResNet v1.5)."""
+    nn = torch.nn
+    expansion = 4 if bottleneck else 1
+
+    class Block(nn.Module):
+        def __init__(self, c_in, planes, stride, downsample):
+            super().__init__()
+            if bottleneck:
+                self.conv1, self.bn1 = nn.Conv2d(c_in, planes, 1, bias=False), nn.BatchNorm2d(planes)
+                self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+                self.bn2 = nn.BatchNorm2d(planes)
+                self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+                self.bn3 = nn.BatchNorm2d(planes * 4)
+            else:
+                self.conv1 = nn.Conv2d(c_in, planes, 3, stride, 1, bias=False)
+                self.bn1 = nn.BatchNorm2d(planes)
+                self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+                self.bn2 = nn.BatchNorm2d(planes)
+            self.relu = nn.ReLU()
+            self.downsample = downsample
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            if bottleneck:
+                out = self.bn3(self.conv3(self.relu(out)))
+            identity = x if self.downsample is None else self.downsample(x)
+            return self.relu(out + identity)
+
+    class ResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.bn1, self.relu, self.maxpool = nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+            c = 64
+            for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+                stride = 1 if i == 0 else 2
+                downsample = None
+                if stride != 1 or c != planes * expansion:
+                    downsample = nn.Sequential(nn.Conv2d(c, planes * expansion, 1, stride, bias=False),
+                                               nn.BatchNorm2d(planes * expansion))
+                blocks = [Block(c, planes, stride, downsample)]
+                c = planes * expansion
+                blocks += [Block(c, planes, 1, None) for _ in range(1, n)]
+                self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Linear(c, num_classes)
+
+        def forward(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    return ResNet()
+
+
+TORCHVISION = {
+    "densenet121": lambda **kw: torchvision_densenet(32, (6, 12, 24, 16), 64, **kw),
+    "densenet161": lambda **kw: torchvision_densenet(48, (6, 12, 36, 24), 96, **kw),
+    "densenet169": lambda **kw: torchvision_densenet(32, (6, 12, 32, 32), 64, **kw),
+    "densenet201": lambda **kw: torchvision_densenet(32, (6, 12, 48, 32), 64, **kw),
+    "resnet18": lambda **kw: torchvision_resnet(False, (2, 2, 2, 2), **kw),
+    "resnet34": lambda **kw: torchvision_resnet(False, (3, 4, 6, 3), **kw),
+    "resnet50": lambda **kw: torchvision_resnet(True, (3, 4, 6, 3), **kw),
+    "resnet101": lambda **kw: torchvision_resnet(True, (3, 4, 23, 3), **kw),
+    "resnet152": lambda **kw: torchvision_resnet(True, (3, 8, 36, 3), **kw),
+}
+
+
+def torchvision(name, **options):
+    """The twin of ``torchvision.models.<name>(**options)`` (options: num_classes)."""
+    if name not in TORCHVISION:
+        raise ValueError(f"torch_twins.torchvision: no twin for {name!r}; twins: {', '.join(TORCHVISION)}")
+    return TORCHVISION[name](**options)

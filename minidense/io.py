@@ -1,5 +1,7 @@
 """``md.save`` / ``md.load``: state dicts (and any nest of dicts, lists, arrays, numbers
-and strings, such as an optimizer's state) as ``.npz`` files, with no pickle.
+and strings, such as an optimizer's state) as ``.npz`` files, with no pickle; flat dicts
+of arrays also as ``.safetensors``, the format PyTorch, JAX and NumPy all read.  The
+file's extension picks the format.
 
 The file is an ordinary NumPy ``.npz``: one ``.npy`` member per array, named by its
 keys joined with "/" (so ``np.load`` alone shows a model's weights by name), plus a
@@ -7,6 +9,16 @@ JSON manifest, stored as a uint8 array, that records the nesting, the key types 
 which Python type each number had.  Numbers are stored as 0-d arrays, so a round trip
 is bit-exact.  Files are written to a temporary file beside the target and renamed
 over it, so a crash never leaves a half-written file under the real name.
+
+A ``.safetensors`` file is a JSON header (name, dtype, shape and byte range of every
+array) followed by the raw bytes, read and written by the ``safetensors`` package (an
+optional dependency: ``pip install safetensors``).  It holds one flat dict of arrays, so
+nested state (an optimizer's) stays in .npz.  Unlike .npz (a zip with a CRC per member)
+it has no checksum: a truncated file or a damaged header is caught, a flipped bit inside
+an array is not.
+
+PyTorch's ``.pth`` / ``.pt`` files are pickles, which can run any code when loaded, so
+minidense never reads them; ``PTH_TO_SAFETENSORS`` is the conversion to run where torch is.
 """
 from __future__ import annotations
 
@@ -26,6 +38,13 @@ from .autograd import Tensor
 MANIFEST = "__minidense_manifest__"
 FORMAT = "minidense.save"
 VERSION = 1
+SAFETENSORS = ".safetensors"
+PICKLE_SUFFIXES = (".pth", ".pt")
+
+PTH_TO_SAFETENSORS = """\
+import torch, safetensors.torch
+state = torch.load("densenet121.pth", map_location="cpu", weights_only=True)
+safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, "densenet121.safetensors")"""
 
 # The process's file-creation mask, read once, so that saved files get the usual
 # permissions rather than mkstemp's private 0600.
@@ -103,12 +122,40 @@ def _encode(value, keys, arrays):
     return {kind: name}
 
 
+def _safetensors():
+    """The ``safetensors.numpy`` module, or an ImportError that says how to get it."""
+    try:
+        import safetensors.numpy
+    except ImportError:
+        raise ImportError("md.save/md.load: .safetensors files need the safetensors package: "
+                          "pip install safetensors (or minidense[weights])") from None
+    return safetensors.numpy
+
+
+def _pickle_error(verb, path):
+    """The error for a PyTorch pickle: why it is refused and how to convert it."""
+    return ValueError(
+        f"{verb}: {path} is a PyTorch pickle file, and minidense never unpickles (loading a "
+        f"pickle can run any code). Convert it to .safetensors on a machine with torch:\n"
+        f"    pip install torch safetensors\n" + "\n".join(
+            "    " + line for line in PTH_TO_SAFETENSORS.splitlines()))
+
+
 def save(obj, path) -> None:
-    """Write ``obj`` (a state dict, an optimizer's state, or any nest of dicts, lists
-    and tuples of arrays, Tensors, numbers, strings and None) to ``path`` as .npz."""
+    """Write ``obj`` to ``path``: as .safetensors when the name ends so (a flat dict of
+    arrays or Tensors by name, such as a state dict), otherwise as .npz (a state dict,
+    an optimizer's state, or any nest of dicts, lists and tuples of arrays, Tensors,
+    numbers, strings and None)."""
     if hasattr(obj, "state_dict") and not isinstance(obj, dict):
         raise TypeError(f"save: got a {type(obj).__name__}; save its state instead: "
                         f"md.save(obj.state_dict(), path)")
+    suffix = Path(path).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"save: {path}: minidense writes .npz or .safetensors, never PyTorch's "
+                         f"pickle format; torch reads .safetensors with safetensors.torch.load_file")
+    if suffix == SAFETENSORS:
+        _save_safetensors(obj, path)
+        return
     arrays = {}
     tree = _encode(obj, (), arrays)
     manifest = json.dumps({"format": FORMAT, "version": VERSION, "tree": tree})
@@ -120,11 +167,38 @@ def save(obj, path) -> None:
                     np.lib.format.write_array(member, array, allow_pickle=False)
 
 
+def _save_safetensors(obj, path):
+    if not isinstance(obj, dict):
+        raise TypeError(f"save: a .safetensors file holds a dict of arrays by name, got a "
+                        f"{type(obj).__name__}; use .npz for other state")
+    arrays = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise TypeError(f"save: .safetensors names must be str, got {key!r}")
+        value = value.data if isinstance(value, Tensor) else value
+        if not (backend.is_array(value) or isinstance(value, np.generic)):
+            raise TypeError(f"save: a .safetensors file holds arrays only, but {key!r} is a "
+                            f"{type(value).__name__}; nested state (an optimizer's) goes in .npz")
+        # order="C", not ascontiguousarray, which turns a 0-d counter into shape (1,)
+        arrays[key] = np.asarray(backend.to_numpy(value), order="C")
+    st = _safetensors()
+    try:
+        data = st.save(arrays)
+    except Exception as error:  # safetensors' own error type: an unsupported dtype
+        raise TypeError(f"save: cannot store this state as .safetensors: {error}") from None
+    with atomic_write(path) as f:
+        f.write(data)
+
+
 # ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------
 class _Corrupt(Exception):
     """The manifest does not match the arrays."""
+
+
+class _Pickled(Exception):
+    """The zip file is torch.save's, with a pickle inside."""
 
 
 def _decode(entry, arrays):
@@ -155,22 +229,38 @@ def _decode(entry, arrays):
 def load(path):
     """Read a file written by ``save``: the same nest of dicts, lists and tuples, with
     NumPy arrays for arrays and Tensors, and Python numbers, strings and None as saved.
-    A plain .npz without a manifest (``np.savez``) loads as a dict of its arrays.
+    A plain .npz without a manifest (``np.savez``) loads as a dict of its arrays, and a
+    .safetensors file (anyone's, torchvision's converted weights included) as a dict of
+    NumPy arrays by name.  PyTorch's pickled .pth files are refused.
 
     Load weights into a model with ``model.load_state_dict(md.load(path))``, which
     reports missing, unexpected and mismatched names in one error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load: no such file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _pickle_error("load", path)
+    if path.suffix.lower() == SAFETENSORS:
+        return _load_safetensors(path)
+    if head[:1] == b"\x80":  # pickle's PROTO opcode: torch.save's legacy format
+        raise _pickle_error("load", path)
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                raise ValueError("it does not start like a .npz (zip) file")
+        if head != b"PK\x03\x04":
+            raise ValueError("it does not start like a .npz (zip) file")
+        with zipfile.ZipFile(path) as archive:
+            # torch.save's zip layout, whatever the file is called
+            pickled = any(name.endswith("data.pkl") for name in archive.namelist())
+        if pickled:
+            raise _Pickled
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
         for name, array in arrays.items():
             if not isinstance(array, np.ndarray):  # np.load gives other members as bytes
                 raise ValueError(f"its member {name!r} is not a .npy array")
+    except _Pickled:
+        raise _pickle_error("load", path) from None
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as error:
         raise ValueError(f"load: {path} is not a readable .npz file written by md.save "
                          f"(truncated, damaged or another format): {error}") from None
@@ -187,3 +277,13 @@ def load(path):
         return _decode(info["tree"], arrays)
     except (_Corrupt, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"load: {path} has a damaged manifest: {error}") from None
+
+
+def _load_safetensors(path):
+    st = _safetensors()
+    from safetensors import SafetensorError
+    try:
+        return dict(st.load_file(path))
+    except (SafetensorError, ValueError, OSError) as error:
+        raise ValueError(f"load: {path} is not a readable .safetensors file "
+                         f"(truncated, damaged or another format): {error}") from None

@@ -1,6 +1,7 @@
 """md.save / md.load: bit-exact round trips, plain .npz files, atomic writes and clear
 errors for damaged or foreign files."""
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -216,3 +217,111 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "p.npz").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------------------
+# .safetensors: chosen by the extension; flat dicts of arrays only
+# ---------------------------------------------------------------------------
+def test_safetensors_round_trip_is_bit_exact_and_readable_by_the_safetensors_package(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    state = trained_model(0).state_dict()
+    state["stem.norm.num_batches_tracked"] = np.array(7, dtype=np.int64)  # a 0-d array stays 0-d
+    state["double"] = np.random.default_rng(0).standard_normal((3, 2))
+    state["tensor"] = md.tensor([1.0, 2.0])
+    path = tmp_path / "w.safetensors"
+    md.save(state, path)
+    with open(path, "rb") as f:
+        assert f.read(8) != b"PK\x03\x04\x14\x00\x00\x00"  # not an .npz in disguise
+    for back in (md.load(path), safetensors_numpy.load_file(str(path))):
+        assert sorted(back) == sorted(state)
+        for name, value in state.items():
+            value = value.numpy() if isinstance(value, md.Tensor) else value
+            assert back[name].dtype == value.dtype and back[name].shape == value.shape, name
+            assert back[name].tobytes() == value.tobytes(), name
+    model = trained_model(1)
+    loaded = md.load(path)
+    for extra in ("stem.norm.num_batches_tracked", "double", "tensor"):
+        loaded.pop(extra)
+    model.load_state_dict(loaded)
+    for name, array in trained_model(0).state_dict().items():
+        np.testing.assert_array_equal(model.state_dict()[name], array)
+
+
+def test_a_safetensors_header_whose_length_starts_with_pickles_byte_still_loads(tmp_path):
+    pytest.importorskip("safetensors")
+    path = tmp_path / "w.safetensors"
+    for n in range(1, 300):  # the header's length is little-endian: find one whose low byte is 0x80
+        md.save({"w" * n: np.ones(2)}, path)
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    np.testing.assert_array_equal(md.load(path)["w" * n], np.ones(2))
+
+
+def test_safetensors_refuses_nested_state_and_non_arrays_and_leaves_no_file(tmp_path):
+    pytest.importorskip("safetensors")
+    path = tmp_path / "o.safetensors"
+    with pytest.raises(TypeError, match=r"'state' is a dict; nested state .* goes in .npz"):
+        md.save({"state": {0: {"step": 1}}, "w": np.ones(2)}, path)
+    with pytest.raises(TypeError, match=r"'epoch' is a int"):
+        md.save({"epoch": 3}, path)
+    with pytest.raises(TypeError, match="names must be str"):
+        md.save({0: np.ones(2)}, path)
+    with pytest.raises(TypeError, match="holds a dict of arrays by name, got a list"):
+        md.save([np.ones(2)], path)
+    md.save({"w": np.ones(2)}, path)
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match="cannot store this state as .safetensors"):
+        md.save({"w": np.array(["text"])}, path)
+    assert path.read_bytes() == before
+    assert leftovers(tmp_path, {"o.safetensors"}) == []
+
+
+def test_damaged_or_foreign_safetensors_files_give_a_value_error_naming_the_path(tmp_path):
+    pytest.importorskip("safetensors")
+    md.save(trained_model(0).state_dict(), tmp_path / "good.safetensors")
+    good = (tmp_path / "good.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(good[:8], "little")
+    files = {f"truncated-{cut}": good[:cut] for cut in (4, 12, header_end, len(good) - 10)}
+    files["header length too large"] = (len(good)).to_bytes(8, "little") + good[8:]
+    damaged = bytearray(good)
+    damaged[8] = ord("#")  # the JSON header's opening brace
+    files["damaged header"] = bytes(damaged)
+    files["random bytes"] = np.random.default_rng(0).bytes(3000)
+    files["text"] = b"these are not weights\n"
+    files["empty"] = b""
+    md.save(trained_model(0).state_dict(), tmp_path / "an.npz")
+    files["an npz"] = (tmp_path / "an.npz").read_bytes()
+    for label, content in files.items():
+        path = tmp_path / f"{label}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"load: {path} is not a readable .safetensors") as error:
+            md.load(path)
+        assert error.value.__cause__ is None and error.value.__suppress_context__, label
+
+
+def test_pytorch_pickles_are_never_read_and_the_error_shows_the_conversion(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pth")
+    (tmp_path / "renamed.npz").write_bytes((tmp_path / "w.pth").read_bytes())
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("w.pth", "renamed.npz", "legacy.bin", "empty.pt"):
+        with pytest.raises(ValueError, match="is a PyTorch pickle file") as error:
+            md.load(tmp_path / name)
+        message = str(error.value)
+        assert "torch.load(" in message and "safetensors.torch.save_file(" in message, name
+    with pytest.raises(ValueError, match="never PyTorch's pickle format"):
+        md.save({"w": np.ones(2)}, tmp_path / "out.pth")
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_without_the_safetensors_package_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # makes "import safetensors" fail
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        md.save({"w": np.ones(2)}, tmp_path / "w.safetensors")
+    (tmp_path / "x.safetensors").write_bytes(b"x")
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        md.load(tmp_path / "x.safetensors")
+    md.save({"w": np.ones(2)}, tmp_path / "w.npz")  # .npz needs nothing more

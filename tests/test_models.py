@@ -138,6 +138,7 @@ PUBLISHED = {
     "densenet_bc250_k24": "15.3M",
     "densenet_bc190_k40": "25.6M",
     "densenet121": 7_978_856,
+    "densenet161": 28_681_000,
     "densenet169": 14_149_480,
     "densenet201": 20_013_928,
     "resnet20": 269_722,
@@ -238,7 +239,7 @@ def test_bad_configurations_say_what_is_expected():
 # Forwards that take more than a second or two on 2 CPU cores run only with --runslow.
 SLOW_FORWARD = {"densenet100_k12", "densenet100_k24", "densenet_bc250_k24", "densenet_bc190_k40",
                 "resnet1202"}
-IMAGENET = {"densenet121", "densenet169", "densenet201", "densenet264",
+IMAGENET = {"densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
             "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
 
 

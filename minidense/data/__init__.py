@@ -10,11 +10,11 @@ with the standard CIFAR augmentation.
 from .datasets import (CIFAR10, CIFAR10_CLASSES, CIFAR10_MD5, CIFAR10_URL, DataError,
                        DataUnavailableError,
                        Digits, ImageDataset, ImageFolder, cache_dir, channel_mean_std,
-                       cifar10_from_environment, open_datasets, parse_cifar10_binary)
+                       cifar10_from_environment, imagenet_classes, open_datasets, parse_cifar10_binary)
 from .loader import (DataLoader, augmentation_parameters, normalization_constants, normalize,
                      random_crop_flip)
 
 __all__ = ["CIFAR10", "ImageFolder", "Digits", "ImageDataset", "DataLoader", "DataError", "DataUnavailableError",
            "channel_mean_std", "random_crop_flip", "normalize", "normalization_constants",
            "augmentation_parameters", "open_datasets", "cifar10_from_environment", "cache_dir", "parse_cifar10_binary",
-           "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CLASSES"]
+           "CIFAR10_URL", "CIFAR10_MD5", "CIFAR10_CLASSES", "imagenet_classes"]

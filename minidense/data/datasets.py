@@ -11,6 +11,7 @@ unpickled: the CIFAR-10 source is the *binary* release, and caches are read with
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import io
 import os
 import tarfile
@@ -31,6 +32,13 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGES_PER_WORKER = 2000   # fewer images than this per process are not worth a process
+
+
+def imagenet_classes():
+    """The 1,000 ImageNet (ILSVRC-2012) class names in label order, as torchvision lists
+    them, for reading the output of pretrained weights (minidense/data/imagenet_classes.txt)."""
+    text = importlib.resources.files(__package__).joinpath("imagenet_classes.txt").read_text("utf-8")
+    return tuple(text.splitlines())
 
 
 class DataError(Exception):

@@ -11,10 +11,12 @@ CIFAR models default to num_classes=10, ImageNet ones to 1000.
 from __future__ import annotations
 
 from .densenet import (DenseBlock, DenseLayer, DenseNet, Transition, densenet40_k12,
-                       densenet100_k12, densenet100_k24, densenet121, densenet169, densenet201,
-                       densenet264, densenet_bc100_k12, densenet_bc190_k40, densenet_bc250_k24,
-                       densenet_cifar, densenet_imagenet)
+                       densenet100_k12, densenet100_k24, densenet121, densenet161, densenet169,
+                       densenet201, densenet264, densenet_bc100_k12, densenet_bc190_k40,
+                       densenet_bc250_k24, densenet_cifar, densenet_imagenet)
 from .network import StagedNetwork
+from . import pretrained
+from .pretrained import export_state_dict, load_weights
 from .resnet import (BasicBlock, Bottleneck, ResNet, ZeroPadShortcut, resnet18, resnet20, resnet32,
                      resnet34, resnet44, resnet50, resnet56, resnet101, resnet110, resnet152,
                      resnet1202, resnet_cifar, resnet_imagenet)
@@ -23,7 +25,7 @@ _NAMED = {fn.__name__: fn for fn in (
     # DenseNet paper, Table 2 (CIFAR) and Table 1 (ImageNet)
     densenet40_k12, densenet100_k12, densenet100_k24,
     densenet_bc100_k12, densenet_bc250_k24, densenet_bc190_k40,
-    densenet121, densenet169, densenet201, densenet264,
+    densenet121, densenet161, densenet169, densenet201, densenet264,
     # ResNet paper, Section 4.2 (CIFAR) and Table 1 (ImageNet)
     resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202,
     resnet18, resnet34, resnet50, resnet101, resnet152,
@@ -39,18 +41,25 @@ def list_models():
     return list(names)
 
 
-def get(name, **kwargs):
+def get(name, weights=None, **kwargs):
     """Build the model called ``name`` (see ``names``; also "densenet_cifar" and
     "resnet_cifar" with their configuration as keyword arguments).  ``kwargs``:
     num_classes, and drop_rate / stem_channels (DenseNet), shortcut (CIFAR ResNet),
-    stride_in_3x3 (ImageNet bottleneck ResNet)."""
+    stride_in_3x3 (ImageNet bottleneck ResNet).
+
+    ``weights``: a .safetensors (or .npz) file, or a dict of arrays, in torchvision's
+    names or minidense's (told apart by the names), loaded into the model; torchvision's
+    ResNet-50/101/152 weights build the model with stride_in_3x3=True.  Nothing is
+    downloaded (see ``pretrained.CONVERT_HINT``)."""
     builder = _NAMED.get(name) or _FAMILIES.get(name)
     if builder is None:
         raise ValueError(f"md.models.get: unknown model {name!r}; known models: "
                          f"{', '.join(names + tuple(_FAMILIES))}")
-    return builder(**kwargs)
+    if weights is None:
+        return builder(**kwargs)
+    return pretrained.build(name, builder, weights, kwargs)
 
 
-__all__ = ["get", "list_models", "names", "DenseNet", "DenseBlock", "DenseLayer", "Transition",
+__all__ = ["get", "list_models", "names", "export_state_dict", "load_weights", "DenseNet", "DenseBlock", "DenseLayer", "Transition",
            "ResNet", "BasicBlock", "Bottleneck", "ZeroPadShortcut", "StagedNetwork",
            "densenet_cifar", "densenet_imagenet", "resnet_cifar", "resnet_imagenet", *names]

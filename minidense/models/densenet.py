@@ -187,6 +187,11 @@ def densenet121(**options):
     return densenet_imagenet((6, 12, 24, 16), **options)
 
 
+def densenet161(**options):
+    """DenseNet-161: k=48 (96 stem channels), dense blocks of 6, 12, 36, 24 layers."""
+    return densenet_imagenet((6, 12, 36, 24), growth_rate=48, **options)
+
+
 def densenet169(**options):
     """DenseNet-169: dense blocks of 6, 12, 32, 32 layers."""
     return densenet_imagenet((6, 12, 32, 32), **options)

@@ -187,21 +187,26 @@ class Module:
             state[name] = b.numpy()
         return state
 
-    def load_state_dict(self, state, strict: bool = True):
+    def load_state_dict(self, state, strict: bool = True, names=None):
         """Copy arrays into the parameters and buffers (on their current device).
 
         Shape mismatches always raise; with ``strict`` missing and unexpected names do too,
-        all reported in one error.  Returns (missing, unexpected)."""
+        all reported in one error.  ``names`` (own name -> the name where the weights came
+        from, such as torchvision's) makes the error show both.  Returns (missing, unexpected)."""
         own = OrderedDict(list(self.named_parameters()) + list(self.named_buffers()))
+
+        def shown(k):
+            return f"{names[k]} (minidense: {k})" if names and k in names else k
+
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
-        mismatched = [f"{k}: model {tuple(own[k].shape)}, file {tuple(np.shape(state[k]))}"
+        mismatched = [f"{shown(k)}: model {tuple(own[k].shape)}, file {tuple(np.shape(state[k]))}"
                       for k in own if k in state and tuple(np.shape(state[k])) != tuple(own[k].shape)]
         problems = []
         if mismatched:
             problems.append("shape mismatch for " + "; ".join(mismatched))
         if strict and missing:
-            problems.append("missing keys: " + ", ".join(missing))
+            problems.append("missing keys: " + ", ".join(map(shown, missing)))
         if strict and unexpected:
             problems.append("unexpected keys: " + ", ".join(unexpected))
         if problems:
