@@ -4,7 +4,8 @@
 
 MODE:
   plain             nothing planted
-  nan-weight        after the 2nd update of epoch 2, a weight becomes NaN (the next loss is NaN)
+  nan-weight        after the 2nd update of epoch 2, a weight becomes NaN (the next loss is NaN);
+                    under mpiexec on the last rank only
   inf-statistic     after the last update of epoch 2, a BN running variance becomes infinite
                     (the loss stays finite: only the check before saving sees it)
   ctrl-c-twice      Ctrl-C after batch 2 of epoch 2, and again while that checkpoint is
@@ -39,7 +40,8 @@ if mode in ("nan-weight", "inf-statistic"):
     def planted_step(self):
         step(self)
         steps["n"] += 1
-        if steps["n"] == target:
+        rank, size = distributed.launcher_rank_and_size() or (0, 1)
+        if steps["n"] == target and rank == size - 1:
             model = planted_step.model
             if mode == "nan-weight":
                 next(iter(model.parameters())).data[...] = np.nan

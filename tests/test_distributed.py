@@ -226,3 +226,16 @@ def test_bad_option_under_mpiexec_is_one_line_from_rank_0(tmp_path):
     assert errors == ["minidense-train: error: --batch-size 15 (the global batch) does not "
                       "divide evenly over the 2 processes"]
     assert "Traceback" not in done.stderr
+
+
+@needs_mpi
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Rank 1's weight turns NaN after batch 2 of epoch 2: both ranks stop at batch 3,
+    rank 0 says so once, and the epoch-1 checkpoint stays."""
+    out = tmp_path / "run"
+    done = launch([HARNESS, "nan-weight"] + TINY + ["--out", out], tmp_path)
+    assert done.returncode == 3, done.stderr
+    messages = [line for line in done.stderr.splitlines() if "diverged" in line]
+    assert len(messages) == 1
+    assert "the run diverged at epoch 2, batch 3 of 6: the loss is not finite" in messages[0]
+    assert md.load(out / "last.npz")["progress"]["epoch"] == 1
