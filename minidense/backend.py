@@ -149,13 +149,6 @@ def generator(device: str = "cpu"):
     return gen
 
 
-def generator_device(gen) -> str:
-    """"cuda" for a CuPy Generator, "cpu" for a NumPy one (or anything else)."""
-    if _cupy is not None and isinstance(gen, _cupy.random.Generator):
-        return "cuda"
-    return "cpu"
-
-
 # ---------------------------------------------------------------------------
 # GPU settings and measurements: TF32, synchronisation, timing, peak memory.
 # ---------------------------------------------------------------------------
@@ -295,7 +288,8 @@ def index_kernel(name: str, *sizes):
     return cuda_kernel(name + ("_i32" if max(sizes) < 2 ** 31 else "_i64"))
 
 
-# im2col: one thread per element of col; a gather from x.  Two layouts of col:
+# im2col: one thread per element of col; a gather from x, PAD outside the image (0, or
+# -inf for max pooling).  Two layouts of col:
 # "image" (N, C, KH, KW, OH, OW), for pooling, and "rows" (C, KH, KW, N, OH, OW), the
 # (C*KH*KW, N*OH*OW) patch matrix of a convolution, which then needs only 2-D GEMMs.
 # col2im: one thread per element of x (N, C, H, W); a gather from col, so the
@@ -319,7 +313,7 @@ _IM2COL_BODY = """
     }
     int y = oy * SY - PH + ky;
     int x_ = ox * SX - PW + kx;
-    col = (0 <= y && y < H && 0 <= x_ && x_ < W) ? x[(nc * H + y) * W + x_] : (T)0;
+    col = (0 <= y && y < H && 0 <= x_ && x_ < W) ? x[(nc * H + y) * W + x_] : PAD;
 """
 
 _COL2IM_BODY = """
@@ -366,6 +360,6 @@ def _index_variants(name, in_params, out_params, body):
 
 
 CUDA_KERNELS = {
-    **_index_variants("im2col", "raw T x, " + _GEOMETRY, "T col", _IM2COL_BODY),
+    **_index_variants("im2col", "raw T x, " + _GEOMETRY + ", T PAD", "T col", _IM2COL_BODY),
     **_index_variants("col2im", "raw T col, " + _GEOMETRY, "T x", _COL2IM_BODY),
 }

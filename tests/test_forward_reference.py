@@ -168,20 +168,21 @@ def _emulated_cupy(patch):
     patch.setattr(backend, "cuda_kernel", EmulatedKernel)
 
 
-@given(case=conv_cases(max_batch=2, max_channels=2, max_side=6), rows=st.booleans())
-def test_cuda_im2col_and_col2im_kernels_match_the_numpy_layout(case, rows):
+@given(case=conv_cases(max_batch=2, max_channels=2, max_side=6), rows=st.booleans(),
+       pad_value=st.sampled_from([0.0, -np.inf]))
+def test_cuda_im2col_and_col2im_kernels_match_the_numpy_layout(case, rows, pad_value):
     """The CuPy branch of im2col and col2im, with CuPy swapped for NumPy and each kernel
     compiled with g++, gives NumPy's patches (both layouts) and their adjoint; this
     checks the index arithmetic and the argument order of the calls."""
     from minidense.functions._utils import col2im, im2col
     kernel = case.w.shape[2:]
-    expected_col = im2col(case.x, kernel, case.stride, case.padding, rows=rows)
+    expected_col = im2col(case.x, kernel, case.stride, case.padding, pad_value, rows=rows)
     grad_col = np.random.default_rng(0).standard_normal(expected_col.shape)
     layout = kernel if rows else False
     expected_image = col2im(grad_col, case.x.shape, case.stride, case.padding, rows=layout)
     with pytest.MonkeyPatch.context() as patch:
         _emulated_cupy(patch)
-        col = im2col(case.x, kernel, case.stride, case.padding, rows=rows)
+        col = im2col(case.x, kernel, case.stride, case.padding, pad_value, rows=rows)
         image = col2im(grad_col, case.x.shape, case.stride, case.padding, rows=layout)
     np.testing.assert_array_equal(col, expected_col)
     np.testing.assert_allclose(image, expected_image, rtol=1e-12, atol=1e-12)
@@ -243,10 +244,10 @@ def test_cuda_im2col_indexes_past_2_31_elements():
     start = size - 4096
     expected = np.array([_im2col_element(k, *geometry) for k in range(start, size)])
     out = np.empty(size - start)
-    cuda_emulation.run(chosen["name"], (np.empty(1), *geometry, True, out), start=start, stop=size,
+    cuda_emulation.run(chosen["name"], (np.empty(1), *geometry, True, 0.0, out), start=start, stop=size,
                        virtual_raw=True)
     np.testing.assert_array_equal(out, expected)
-    cuda_emulation.run("im2col_i32", (np.empty(1), *geometry, True, out), start=start, stop=size,
+    cuda_emulation.run("im2col_i32", (np.empty(1), *geometry, True, 0.0, out), start=start, stop=size,
                        virtual_raw=True)
     assert not np.array_equal(out, expected)  # what the test guards against
 

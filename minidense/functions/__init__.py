@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import backend
-from ..autograd import Tensor
+from ..autograd import Tensor, _check_same_device
 from .activation import relu, sigmoid, tanh
 from .array import concat, flatten, getitem, reshape, to_device_and_dtype, transpose
 from .connection import conv2d, linear
@@ -20,7 +20,11 @@ def _reflected(fn):
 
 def _compare(op):
     def method(self, other):
-        other = other.data if isinstance(other, Tensor) else other
+        if isinstance(other, Tensor):
+            _check_same_device(op.__name__, [self, other])
+            other = other.data
+        elif backend.is_array(other):  # a NumPy array against a CUDA tensor: CuPy won't mix them
+            other = backend.to_device(other, self.device)
         return Tensor(op(self.data, other))
     return method
 

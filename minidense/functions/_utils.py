@@ -48,17 +48,18 @@ def im2col(x, kernel, stride, pad, pad_value=0.0, writable=True, rows=False):
     ``rows`` the patches come as the (C*KH*KW, N*OH*OW) matrix of a convolution
     instead (axes ordered C, KH, KW, N, OH, OW), so that it takes 2-D matrix products
     only.  On NumPy a strided view of the padded input is taken and, if ``writable``
-    or ``rows``, copied once; on CuPy one gather kernel writes it.
+    or ``rows``, copied once; on CuPy one gather kernel writes it (whatever
+    ``pad_value``, so max pooling's -inf padding needs no padded copy there).
     """
     (kh, kw), (sy, sx), (ph, pw) = kernel, stride, pad
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, sy, ph), output_size(w, kw, sx, pw)
     xp = backend.get_array_module(x)
-    if xp is not np and pad_value == 0:
+    if xp is not np:
         shape = (c, kh, kw, n, oh, ow) if rows else (n, c, kh, kw, oh, ow)
         col = xp.empty(shape, dtype=x.dtype)
         backend.index_kernel("im2col", x.size, col.size)(
-            xp.ascontiguousarray(x), n, c, h, w, oh, ow, kh, kw, sy, sx, ph, pw, rows, col)
+            xp.ascontiguousarray(x), n, c, h, w, oh, ow, kh, kw, sy, sx, ph, pw, rows, pad_value, col)
         return col.reshape(c * kh * kw, n * oh * ow) if rows else col
     if ph or pw:
         x = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)

@@ -1,0 +1,130 @@
+"""A pretend GPU for the CPU tests: NumPy arrays of a subclass that behaves, where it
+matters to minidense, as CuPy's arrays do.
+
+* ``backend`` sees it as CuPy (``fake_cuda(monkeypatch)`` installs it as ``backend._cupy``
+  and makes ``cuda_available()`` true), so tensors on "cuda" are ``DeviceArray``s;
+* like CuPy, a ufunc refuses to mix a device array with a host (NumPy) array, and
+  ``np.asarray`` refuses device arrays: the crashes the real GPU would give;
+* kernels come from ``cuda_emulation`` (g++), random numbers from NumPy's Philox.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+
+import cuda_emulation
+
+
+class DeviceArray(np.ndarray):
+    """An array "on the device"."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        for value in inputs + (out or ()):
+            if isinstance(value, np.ndarray) and not isinstance(value, DeviceArray):
+                raise TypeError(f"fake CuPy: {ufunc.__name__} mixes a device array with a host "
+                                f"(NumPy) array")
+        plain = [v.view(np.ndarray) if isinstance(v, DeviceArray) else v for v in inputs]
+        if out is not None:
+            kwargs["out"] = tuple(o.view(np.ndarray) for o in out)
+        result = getattr(ufunc, method)(*plain, **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _wrap(result)
+
+    def __array__(self, dtype=None, copy=None):
+        # CuPy: "Implicit conversion to a NumPy array is not allowed".  NumPy calls this
+        # for np.asarray of a list that holds device scalars.
+        raise TypeError("fake CuPy: implicit conversion to a NumPy array is not allowed")
+
+    syncs = 0  # host reads of device values (each one a GPU sync on CuPy), for the tests
+
+    def __bool__(self):
+        DeviceArray.syncs += 1
+        return bool(self.view(np.ndarray))
+
+    def item(self, *args):
+        DeviceArray.syncs += 1
+        return self.view(np.ndarray).item(*args)
+
+    def tolist(self):
+        DeviceArray.syncs += 1
+        return self.view(np.ndarray).tolist()
+
+    def get(self):
+        DeviceArray.syncs += 1
+        return np.array(self.view(np.ndarray), copy=True)
+
+
+def _wrap(result):
+    if isinstance(result, tuple):
+        return tuple(_wrap(r) for r in result)
+    if isinstance(result, np.ndarray):
+        return result.view(DeviceArray)
+    if isinstance(result, np.generic):  # CuPy reductions give 0-d arrays, never scalars
+        return np.asarray(result).view(DeviceArray)
+    return result
+
+
+def _host(value):
+    return value.view(np.ndarray) if isinstance(value, DeviceArray) else value
+
+
+class _FakeCupy(types.ModuleType):
+    """NumPy's functions with device arrays in and out."""
+
+    ndarray = DeviceArray
+
+    def __init__(self):
+        super().__init__("fake_cupy")
+        self.cuda = types.SimpleNamespace(
+            runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+            Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None))
+        self.random = types.SimpleNamespace(
+            Generator=_FakeGenerator, Philox4x3210=lambda seed=None: np.random.Philox(seed))
+
+    def asarray(self, a, dtype=None):
+        if isinstance(a, DeviceArray):
+            return a if dtype is None else a.astype(dtype)
+        if isinstance(a, (list, tuple)) and any(isinstance(v, DeviceArray) for v in a):
+            raise NotImplementedError("fake CuPy: asarray of a list of device arrays")
+        return np.array(a, dtype=dtype).view(DeviceArray)
+
+    def asnumpy(self, a):
+        DeviceArray.syncs += 1
+        return np.array(_host(a), copy=True)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        function = getattr(np, name)
+        if not callable(function):
+            return function
+
+        def call(*args, **kwargs):
+            args = [_host(a) if not isinstance(a, (list, tuple)) else [_host(v) for v in a] for a in args]
+            return _wrap(function(*args, **{k: _host(v) for k, v in kwargs.items()}))
+        return call
+
+
+class _FakeGenerator:
+    def __init__(self, bit_generator):
+        self.numpy = np.random.Generator(bit_generator)
+
+    def random(self, size=None, dtype=np.float64):
+        return _wrap(self.numpy.random(size, dtype=dtype))
+
+    def standard_normal(self, size=None, dtype=np.float64):
+        return _wrap(self.numpy.standard_normal(size, dtype=dtype))
+
+
+def fake_cuda(monkeypatch):
+    """Install the fake CuPy in ``backend`` for one test; returns it."""
+    from minidense import backend
+    fake = _FakeCupy()
+    monkeypatch.setattr(backend, "_cupy", fake)
+    monkeypatch.setattr(backend, "_generators", {})
+    monkeypatch.setattr(backend, "cuda_kernel", cuda_emulation.EmulatedKernel)
+    monkeypatch.setitem(sys.modules, "fake_cupy", fake)
+    return fake

@@ -1,0 +1,118 @@
+"""The CuPy path's known problems (issue 9), checked on the CPU against a pretend GPU
+(tests/fake_device.py: device arrays that refuse to mix with host arrays, as CuPy's
+do; kernels compiled with g++), and the same checks on the real GPU under
+MINIDENSE_TEST_DEVICE=cuda (marked gpu)."""
+import numpy as np
+import pytest
+
+import minidense as md
+from minidense.autograd import Function
+
+from fake_device import DeviceArray, fake_cuda
+
+
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.gpu)])
+def gpu(request, monkeypatch):
+    """The pretend GPU on the CPU; the real one under MINIDENSE_TEST_DEVICE=cuda (the
+    "real" variants are marked gpu, so that ``-m gpu`` runs them alone)."""
+    if request.param == "fake":
+        fake_cuda(monkeypatch)
+    return request.param
+
+
+class TwoOutputs(Function):
+    """(2x, 3x): a node with two outputs, of which a graph may use one."""
+
+    def forward(self, x):
+        return x * 2, x * 3
+
+    def backward(self, g2, g3):
+        return g2 * 2 + g3 * 3
+
+
+def test_backward_through_a_move_to_the_cpu(gpu):
+    """The zeros for an unused output are made on the node's device, not the root's."""
+    x = md.tensor(np.arange(6.0).reshape(2, 3), device="cuda", requires_grad=True)
+    doubled, _ = TwoOutputs()(x)
+    loss = (doubled.to("cpu") * md.tensor(np.ones((2, 3)))).sum()
+    assert loss.device == "cpu"
+    loss.backward()
+    assert x.grad.device == "cuda"
+    np.testing.assert_array_equal(x.grad.numpy(), np.full((2, 3), 2.0))
+
+
+def test_compare_a_cuda_tensor_with_a_numpy_array(gpu):
+    x = md.tensor([[1.0, 2.0], [3.0, 4.0]], device="cuda")
+    host = np.array([[1.0, 0.0], [3.0, 5.0]], dtype=np.float32)
+    assert (x == host).tolist() == [[True, False], [True, False]]
+    assert (x < host).tolist() == [[False, False], [False, True]]
+    with pytest.raises(RuntimeError, match="one device"):
+        x == md.tensor(host)
+
+
+def test_tensor_of_a_list_of_device_scalars(gpu):
+    x = md.tensor([1.0, 2.0, 3.0], device="cuda")
+    scalars = [x.sum().data, x.max().data, (x * 0.5).sum().data]
+    for device in ("cpu", "cuda"):
+        t = md.tensor(scalars, device=device)
+        assert t.device == device and t.dtype == np.float32
+        assert t.tolist() == [6.0, 3.0, 3.0]
+    assert md.tensor([[scalars[0]], [2.0]]).tolist() == [[6.0], [2.0]]
+
+
+def test_tensor_of_a_list_of_numpy_scalars():
+    t = md.tensor([np.float32(1.5), np.float64(2.0), 3])
+    assert t.dtype == np.float32 and t.tolist() == [1.5, 2.0, 3.0]
+    assert md.tensor([np.int32(1), np.int64(2)]).dtype == np.int64
+
+
+def test_dropout_with_a_generator_of_the_other_device(gpu):
+    x = md.tensor(np.ones((4, 50), dtype=np.float32), device="cuda", requires_grad=True)
+    y = md.dropout(x, 0.5, generator=np.random.default_rng(0))
+    assert y.device == "cuda"
+    expected = (np.random.default_rng(0).random((4, 50), dtype=np.float32) >= 0.5) * 2.0
+    np.testing.assert_array_equal(y.numpy(), expected)
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), expected)
+
+
+def test_cuda_generator_is_philox_and_seeded_once(monkeypatch):
+    """XORWOW sets up a cuRAND state per thread on every reseed; Philox is counter-based."""
+    fake_cuda(monkeypatch)
+    md.manual_seed(3)
+    gen = md.backend.generator("cuda")
+    assert isinstance(gen.numpy.bit_generator, np.random.Philox)
+    assert md.backend.generator("cuda") is gen
+
+
+def test_cross_entropy_checks_device_labels_without_a_sync(gpu):
+    logits = md.tensor(np.random.default_rng(0).standard_normal((4, 3)), device="cuda",
+                       requires_grad=True)
+    before = DeviceArray.syncs
+    loss = md.cross_entropy(logits, md.tensor([0, 2, 1, 2], device="cuda"))
+    loss.backward()
+    if gpu == "fake":
+        assert DeviceArray.syncs == before, "cross_entropy read a device value on the host"
+    expected = md.cross_entropy(md.tensor(logits.numpy()), md.tensor([0, 2, 1, 2]))
+    np.testing.assert_allclose(loss.item(), expected.item(), rtol=1e-12)
+    # An out-of-range label poisons the loss and the gradient instead of wrapping around.
+    logits.zero_grad()
+    bad = md.cross_entropy(logits, md.tensor([0, 3, 1, 2], device="cuda"))
+    bad.backward()
+    assert np.isnan(bad.item()) and np.isnan(logits.grad.numpy()).all()
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        md.cross_entropy(md.tensor(logits.numpy()), md.tensor([0, -1, 1, 2]))
+
+
+@pytest.mark.parametrize("op", ["avg_pool", "avg_pool_padded", "max", "global_avg_pool"])
+def test_pooling_and_max_gradients_stay_float32(op):
+    x = md.tensor(np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32),
+                  requires_grad=True)
+    y = {"avg_pool": lambda: md.avg_pool2d(x, 2),
+         "avg_pool_padded": lambda: md.avg_pool2d(x, 3, 2, 1),
+         "max": lambda: x.max(axis=(2, 3)),
+         "global_avg_pool": lambda: md.global_avg_pool2d(x)}[op]()
+    assert y.dtype == np.float32
+    # The op's own gradient (a leaf's .grad is cast to its dtype, which would hide it).
+    (gx,) = (y.grad_fn.backward(np.ones(y.shape, dtype=np.float32)),)
+    assert gx.dtype == np.float32
