@@ -116,3 +116,42 @@ def test_pooling_and_max_gradients_stay_float32(op):
     # The op's own gradient (a leaf's .grad is cast to its dtype, which would hide it).
     (gx,) = (y.grad_fn.backward(np.ones(y.shape, dtype=np.float32)),)
     assert gx.dtype == np.float32
+
+
+def _small_dataset(labels=None):
+    from minidense import data
+    images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    labels = np.arange(10) % 3 if labels is None else labels
+    return data.ImageDataset(images, labels, ["a", "b", "c"])
+
+
+def test_loader_queues_device_work_from_the_training_thread(monkeypatch):
+    """On the GPU the loader thread gathers on the host only; the copy, augmentation and
+    normalisation are queued from the consuming thread (its stream), and the batches
+    are those of the unthreaded loader."""
+    import threading
+    from minidense import data
+    fake = fake_cuda(monkeypatch)
+    threads = set()
+    asarray = fake.asarray
+
+    def recording_asarray(a, dtype=None):
+        if isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == 4:
+            threads.add(threading.current_thread().name)
+        return asarray(a, dtype)
+    monkeypatch.setattr(fake, "asarray", recording_asarray)
+    kwargs = dict(batch_size=4, shuffle=True, augment=True, device="cuda", seed=1)
+    threaded = list(data.DataLoader(_small_dataset(), prefetch=2, **kwargs).iterate(0))
+    plain = list(data.DataLoader(_small_dataset(), prefetch=0, **kwargs).iterate(0))
+    assert threads == {threading.current_thread().name}
+    assert len(threaded) == len(plain) == 3
+    for (x1, y1), (x2, y2) in zip(threaded, plain):
+        assert x1.device == "cuda"
+        np.testing.assert_array_equal(x1.numpy(), x2.numpy())
+        np.testing.assert_array_equal(y1.numpy(), y2.numpy())
+
+
+def test_loader_checks_labels_once_on_the_host():
+    from minidense import data
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        data.DataLoader(_small_dataset(np.arange(10) % 4), batch_size=4)
