@@ -359,7 +359,36 @@ def _index_variants(name, in_params, out_params, body):
             name + "_i64": (in_params, out_params, body.replace("IDX", "ptrdiff_t"))}
 
 
+# Optimizer updates, one thread per parameter element and one launch per parameter
+# (instead of about 8 elementwise launches for SGD and 12 for Adam).  The arithmetic
+# is that of the NumPy path in optim/optimizer.py, operation for operation; scalars
+# computed on the host (1 - dampening, ...) come in as T.
+_SGD_BODY = """
+    T g = grad;
+    if (weight_decay != (T)0) g = g + weight_decay * p;
+    if (momentum != (T)0) {
+        buf = first ? g : buf * momentum + one_minus_dampening * g;
+        g = nesterov ? g + momentum * buf : buf;
+    }
+    p = p - lr * g;
+"""
+
+_ADAM_BODY = """
+    T g = grad;
+    if (decay_factor != (T)1) p = p * decay_factor;
+    if (weight_decay != (T)0) g = g + weight_decay * p;
+    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg);
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * g * g;
+    T denom = sqrt(exp_avg_sq) / bias2_sqrt + eps;
+    p = p - step_size * (exp_avg / denom);
+"""
+
 CUDA_KERNELS = {
+    "sgd_update": ("T grad, T lr, T weight_decay, T momentum, T one_minus_dampening, "
+                   "bool nesterov, bool first", "T p, T buf", _SGD_BODY),
+    "adam_update": ("T grad, T decay_factor, T weight_decay, T one_minus_beta1, T beta2, "
+                    "T one_minus_beta2, T bias2_sqrt, T eps, T step_size",
+                    "T p, T exp_avg, T exp_avg_sq", _ADAM_BODY),
     **_index_variants("im2col", "raw T x, " + _GEOMETRY + ", T PAD", "T col", _IM2COL_BODY),
     **_index_variants("col2im", "raw T col, " + _GEOMETRY, "T x", _COL2IM_BODY),
 }
