@@ -58,8 +58,8 @@ class DeviceArray(np.ndarray):
 
 
 def _wrap(result):
-    if isinstance(result, tuple):
-        return tuple(_wrap(r) for r in result)
+    if isinstance(result, (tuple, list)):
+        return type(result)(_wrap(r) for r in result)
     if isinstance(result, np.ndarray):
         return result.view(DeviceArray)
     if isinstance(result, np.generic):  # CuPy reductions give 0-d arrays, never scalars

@@ -183,3 +183,118 @@ def test_fused_optimizer_kernels_match_the_numpy_updates(make, gpu):
         results.append([p.numpy() for p in params])
     for ours, reference in zip(*results):
         np.testing.assert_allclose(ours, reference, rtol=1e-14, atol=1e-15)
+
+
+class _FakePool:
+    """CuPy's pool as far as MemoryCounter uses it: malloc returns an object with .ptr."""
+
+    def __init__(self):
+        self.next = 4096
+
+    def malloc(self, size):
+        self.next += 1 << 20
+        return type("Pointer", (), {"ptr": self.next})()
+
+
+def test_memory_counter_tracks_the_high_water_mark():
+    counter = md.backend.MemoryCounter(_FakePool())
+    a = counter.malloc(1000)            # rounded up to 1024, as the pool does
+    b = counter.malloc(512)
+    assert (counter.current, counter.peak) == (1536, 1536)
+    counter.free(a)
+    assert (counter.current, counter.peak) == (512, 1536)
+    c = counter.malloc(100)
+    assert (counter.current, counter.peak) == (1024, 1536)
+    counter.reset_peak()
+    assert counter.peak == 1024
+    counter.free(b)
+    counter.free(c)
+    assert counter.current == 0 and not counter.live
+
+
+@pytest.mark.gpu
+def test_memory_counter_on_the_gpu(device):
+    counter = md.backend.MemoryCounter().install()
+    try:
+        before = counter.current
+        x = md.zeros((1024, 1024), device="cuda")
+        assert counter.current - before >= 4 * 2 ** 20
+        peak = counter.peak
+        del x
+        assert counter.current == before and counter.peak == peak
+    finally:
+        counter.uninstall()
+
+
+def test_tf32_is_off_by_default_and_switchable():
+    assert md.backend.tf32_enabled() is False
+    try:
+        md.backend.set_tf32(True)
+        assert md.backend.tf32_enabled() is True
+    finally:
+        md.backend.set_tf32(False)
+    assert md.backend.tf32_enabled() is False
+
+
+@pytest.mark.gpu
+def test_tf32_changes_float32_products_on_the_gpu(device):
+    """TF32 rounds the inputs to 10 mantissa bits: a float32 product moves away from
+    the float64 one by far more than float32 rounding, and back when switched off."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((256, 256)), rng.standard_normal((256, 256))
+    exact = a @ b
+    errors = {}
+    try:
+        for tf32 in (True, False):
+            md.backend.set_tf32(tf32)
+            y = md.tensor(a.astype(np.float32), device="cuda") @ md.tensor(b.astype(np.float32), device="cuda")
+            errors[tf32] = np.abs(y.numpy() - exact).max()
+    finally:
+        md.backend.set_tf32(False)
+    assert errors[False] < 1e-3 < errors[True]
+
+
+def test_timer_on_the_cpu():
+    timer = md.backend.Timer("cpu")
+    timer.start()
+    assert 0 <= timer.stop() < 1000
+
+
+def test_models_train_the_same_on_the_gpu(gpu):
+    """One SGD step of a small DenseNet-BC and a ResNet in float64: the GPU's loss and
+    updated weights are the CPU's (on the pretend GPU: the whole CuPy path, kernels
+    compiled with g++, fused optimizer included)."""
+    for name, kwargs in (("densenet_cifar", dict(depth=10, growth_rate=4, bottleneck=True, compression=0.5)),
+                         ("resnet20", {})):
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((4, 3, 32, 32))
+        y = rng.integers(0, 10, 4)
+        results = []
+        for dev in ("cpu", "cuda"):
+            md.manual_seed(0)
+            model = md.models.get(name, **kwargs).to(dev)
+            for p in model.parameters():
+                p.data = p.data.astype(np.float64)
+            optimizer = md.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+            loss = md.cross_entropy(model(md.tensor(x, device=dev)), md.tensor(y, device=dev))
+            loss.backward()
+            optimizer.step()
+            results.append((loss.item(), [p.numpy() for p in model.parameters()]))
+        np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-10)
+        for gpu_p, cpu_p in zip(results[1][1], results[0][1]):
+            np.testing.assert_allclose(gpu_p, cpu_p, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_im2col_col2im_kernels_on_the_gpu(gpu, rows):
+    from minidense.functions._utils import col2im, im2col
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 6))
+    for kernel, stride, pad, value in (((3, 3), (1, 1), (1, 1), 0.0), ((3, 2), (2, 1), (1, 0), -np.inf)):
+        expected = im2col(x, kernel, stride, pad, value, rows=rows)
+        col = im2col(md.backend.to_device(x, "cuda"), kernel, stride, pad, value, rows=rows)
+        np.testing.assert_array_equal(md.backend.to_numpy(col), expected)
+        g = np.random.default_rng(1).standard_normal(expected.shape)
+        layout = kernel if rows else False
+        image = col2im(md.backend.to_device(g, "cuda"), x.shape, stride, pad, rows=layout)
+        np.testing.assert_allclose(md.backend.to_numpy(image), col2im(g, x.shape, stride, pad, rows=layout),
+                                   rtol=1e-12, atol=1e-12)

@@ -1,0 +1,34 @@
+"""benchmarks/gpu_run.py, the prepared GPU run, in its --smoke mode: every stage on the
+CPU with tiny sizes, so that a typo cannot reach the GPU machine (whose time is short)."""
+import json
+import subprocess
+import sys
+import time
+
+from conftest import REPO_ROOT
+
+
+def test_gpu_run_smoke_mode_runs_every_stage(tmp_path):
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_run.py"), "--out", str(out),
+                           "--smoke"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    wall = time.perf_counter() - start
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"summary.json", "logs.txt", "train_step.json", "train.json"} <= set(files)
+    summary = json.loads((out / "summary.json").read_text())
+    stages = summary["stages"]
+    assert list(stages) == ["tests", "train_step", "train", "memory", "nccl"]
+    for name in ("tests", "train_step", "train"):
+        assert stages[name]["status"] == "passed", (name, stages[name])
+    for name in ("memory", "nccl"):  # optional: absent features skip cleanly
+        assert stages[name]["status"] in ("passed", "skipped"), (name, stages[name])
+    assert "-m gpu" in " ".join(stages["tests"]["result"]["command"])
+    assert stages["tests"]["result"]["files_with_gpu_tests"]
+    train = json.loads((out / "train.json").read_text())
+    assert train["epochs"] and 0 <= train["final_test_accuracy"] <= 1
+    assert {"epoch", "test_accuracy", "train_loss"} <= set(train["epochs"][0])
+    step = json.loads((out / "train_step.json").read_text())
+    assert step["results"][0]["model"] == "resnet20"
+    assert wall <= 20, f"the smoke run took {wall:.1f} s (at most 20)"
