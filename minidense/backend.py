@@ -383,7 +383,36 @@ _ADAM_BODY = """
     p = p - step_size * (exp_avg / denom);
 """
 
+# Batch norm (with an optional ReLU fused in): per-channel reductions over axes (0, 2)
+# of an (N, C, L) view, and one elementwise pass each way with per-channel (1, C, 1)
+# arrays broadcast.  The ReLU mask is recomputed from x_hat, gamma and beta with the
+# forward's own expression, so no ReLU output is kept.  Same order of operations as
+# the NumPy path in functions/normalization.py.
+_BN_FORWARD_BODY = """
+    x_hat = (x - mean) * inv_std;
+    T v = x_hat * gamma + beta;
+    y = (RELU && !(v > (T)0)) ? (T)0 : v;
+"""
+
+_BN_BACKWARD_BODY = """
+    T r = (RELU && !(x_hat * gamma + beta > (T)0)) ? (T)0 : gy;
+    gx = ((x_hat * neg_mean_gxh + r) - mean_gy) * scale;
+"""
+
+_RELU_MASKED = "((x_hat * gamma + beta > (T)0) ? gy : (T)0)"
+
 CUDA_KERNELS = {
+    "channel_dot": ("reduction", "T x, T z", "T y", "x * z", "a + b", "y = a", "0"),
+    "channel_squared_deviation": ("reduction", "T x, T m", "T y", "(x - m) * (x - m)", "a + b",
+                                  "y = a", "0"),
+    "relu_masked_sum": ("reduction", "T gy, T x_hat, T gamma, T beta", "T y", _RELU_MASKED,
+                        "a + b", "y = a", "0"),
+    "relu_masked_dot": ("reduction", "T gy, T x_hat, T gamma, T beta", "T y",
+                        _RELU_MASKED + " * x_hat", "a + b", "y = a", "0"),
+    "bn_forward": ("T x, T mean, T inv_std, T gamma, T beta, bool RELU", "T x_hat, T y",
+                   _BN_FORWARD_BODY),
+    "bn_backward": ("T gy, T x_hat, T gamma, T beta, T scale, T mean_gy, T neg_mean_gxh, bool RELU",
+                    "T gx", _BN_BACKWARD_BODY),
     "sgd_update": ("T grad, T lr, T weight_decay, T momentum, T one_minus_dampening, "
                    "bool nesterov, bool first", "T p, T buf", _SGD_BODY),
     "adam_update": ("T grad, T decay_factor, T weight_decay, T one_minus_beta1, T beta2, "

@@ -77,7 +77,10 @@ extern "C" void kernel({", ".join(args + ["ptrdiff_t start", "ptrdiff_t stop"])}
 
 
 def _library(name, t_name, virtual_raw, scalar_inputs):
-    source = _source(name, t_name, virtual_raw, scalar_inputs)
+    return _compile(_source(name, t_name, virtual_raw, scalar_inputs))
+
+
+def _compile(source):
     key = hashlib.sha1(source.encode()).hexdigest()[:16]
     lib = _libraries.get(key)
     if lib is None:
@@ -105,9 +108,13 @@ def run(name, args, start=0, stop=None, virtual_raw=False):
     stop = size if stop is None else stop
     scalar_inputs = {p[-1] for p, a in zip(ins, args) if p[0] == "T" and np.ndim(a) == 0}
     lib = _library(name, t_name, virtual_raw, scalar_inputs)
-    c_args = []
+    c_args, keep = [], []
     for param, value in zip(ins, args):
         kind, pname = param[0], param[-1]
+        if kind == "T" and pname not in scalar_inputs and value.shape != outputs[0].shape:
+            # CuPy broadcasts array arguments to the output's shape (per-channel BN arrays).
+            value = np.ascontiguousarray(np.broadcast_to(value, outputs[0].shape))
+            keep.append(value)
         if kind == "raw":
             if virtual_raw:
                 continue
@@ -129,11 +136,58 @@ def run(name, args, start=0, stop=None, virtual_raw=False):
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
+def _reduction_source(name, t_name):
+    _, in_params, out_params, map_expr, reduce_expr, post_map, identity = backend.CUDA_KERNELS[name]
+    ins, (out,) = _params(in_params), _params(out_params)
+    args = [f"const T* {p[-1]}__p" for p in ins] + [f"T* {out[-1]}__p", "ptrdiff_t outer",
+                                                   "ptrdiff_t inner"]
+    reads = " ".join(f"const T {p[-1]} = {p[-1]}__p[o * inner + j];" for p in ins)
+    return f"""
+#include <cstddef>
+#include <cmath>
+typedef {t_name} T;
+extern "C" void kernel({", ".join(args)}) {{
+    for (ptrdiff_t o = 0; o < outer; ++o) {{
+        T acc = {identity};
+        for (ptrdiff_t j = 0; j < inner; ++j) {{
+            {reads}
+            const T mapped = ({map_expr});
+            {{ const T a = acc, b = mapped; acc = ({reduce_expr}); }}
+        }}
+        {{ const T a = acc; T& {out[-1]} = {out[-1]}__p[o]; {post_map}; }}
+    }}
+}}
+"""
+
+
+def run_reduction(name, inputs, axis):
+    """A ReductionKernel of ``backend.CUDA_KERNELS`` over ``axis`` of the broadcast
+    inputs: the reduced axes are moved last and made contiguous, then the map, reduce
+    and post-map expressions run in C++ loops."""
+    arrays = np.broadcast_arrays(*[np.asarray(a) for a in inputs])
+    ndim = arrays[0].ndim
+    axes = tuple(a % ndim for a in ((axis,) if np.isscalar(axis) else axis))
+    kept = [a for a in range(ndim) if a not in axes]
+    t_dtype = next(a.dtype for a in arrays if a.dtype.kind == "f")
+    moved = [np.ascontiguousarray(a.transpose(kept + list(axes)), dtype=t_dtype) for a in arrays]
+    out_shape = tuple(arrays[0].shape[a] for a in kept)
+    outer = int(np.prod(out_shape, dtype=np.int64))
+    inner = int(np.prod([arrays[0].shape[a] for a in axes], dtype=np.int64))
+    out = np.empty(out_shape, dtype=t_dtype)
+    t_name, _ = _T_TYPES[t_dtype]
+    lib = _compile(_reduction_source(name, t_name))
+    lib.kernel(*[a.ctypes.data_as(ctypes.c_void_p) for a in moved], out.ctypes.data_as(ctypes.c_void_p),
+               ctypes.c_ssize_t(outer), ctypes.c_ssize_t(inner))
+    return out
+
+
 class EmulatedKernel:
     """A stand-in for ``backend.cuda_kernel(name)``: callable like the CuPy kernel."""
 
     def __init__(self, name):
         self.name = name
 
-    def __call__(self, *args):
+    def __call__(self, *args, axis=None):
+        if backend.CUDA_KERNELS[self.name][0] == "reduction":
+            return run_reduction(self.name, args, axis)
         return run(self.name, args)

@@ -119,12 +119,19 @@ class _FakeGenerator:
         return _wrap(self.numpy.standard_normal(size, dtype=dtype))
 
 
+class _DeviceKernel(cuda_emulation.EmulatedKernel):
+    """An emulated kernel whose returned arrays (reductions) are device arrays."""
+
+    def __call__(self, *args, **kwargs):
+        return _wrap(super().__call__(*args, **kwargs))
+
+
 def fake_cuda(monkeypatch):
     """Install the fake CuPy in ``backend`` for one test; returns it."""
     from minidense import backend
     fake = _FakeCupy()
     monkeypatch.setattr(backend, "_cupy", fake)
     monkeypatch.setattr(backend, "_generators", {})
-    monkeypatch.setattr(backend, "cuda_kernel", cuda_emulation.EmulatedKernel)
+    monkeypatch.setattr(backend, "cuda_kernel", lambda name: _DeviceKernel(name))
     monkeypatch.setitem(sys.modules, "fake_cupy", fake)
     return fake

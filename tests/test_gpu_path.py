@@ -298,3 +298,46 @@ def test_im2col_col2im_kernels_on_the_gpu(gpu, rows):
         image = col2im(md.backend.to_device(g, "cuda"), x.shape, stride, pad, rows=layout)
         np.testing.assert_allclose(md.backend.to_numpy(image), col2im(g, x.shape, stride, pad, rows=layout),
                                    rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_relu_is_relu_of_batch_norm(training):
+    """The NumPy path of the fused op, in float64: the values and gradients of
+    relu(batch_norm(x)), and the same running statistics."""
+    rng = np.random.default_rng(0)
+    x0, g0, b0 = rng.standard_normal((3, 4, 5, 2)), rng.uniform(0.5, 1.5, 4), rng.standard_normal(4)
+    outputs = []
+    for fused in (True, False):
+        x, g, b = (md.tensor(a, requires_grad=True) for a in (x0, g0, b0))
+        rm, rv = np.zeros(4), np.ones(4)
+        if fused:
+            y = md.batch_norm_relu(x, g, b, rm, rv, training)
+        else:
+            y = md.relu(md.batch_norm(x, g, b, rm, rv, training))
+        (y * md.tensor(np.linspace(-1, 2, y.size).reshape(y.shape))).sum().backward()
+        outputs.append([y.numpy(), x.grad.numpy(), g.grad.numpy(), b.grad.numpy(), rm, rv])
+    assert (outputs[0][0] == 0).mean() > 0.2  # the ReLU clips something
+    for ours, reference in zip(*outputs):
+        np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
+    x, g, b = (md.tensor(a, requires_grad=True) for a in (x0, g0, b0))
+    assert md.gradcheck(lambda x, g, b: md.batch_norm_relu(x, g, b, np.zeros(4), np.ones(4), training),
+                        [x, g, b])
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("op", ["batch_norm", "batch_norm_relu"])
+def test_fused_batch_norm_kernels_match_numpy(gpu, op, training):
+    """The CuPy kernels of batch_norm and batch_norm_relu (forward, backward, running
+    statistics) against the NumPy path, float64."""
+    rng = np.random.default_rng(1)
+    x0, g0, b0 = rng.standard_normal((4, 3, 5, 3)), rng.uniform(0.5, 1.5, 3), rng.standard_normal(3)
+    upstream = rng.standard_normal(x0.shape)
+    results = []
+    for device in ("cpu", "cuda"):
+        x, g, b = (md.tensor(a, device=device, requires_grad=True) for a in (x0, g0, b0))
+        rm, rv = md.tensor(np.full(3, 0.1), device=device), md.tensor(np.full(3, 1.5), device=device)
+        y = getattr(md, op)(x, g, b, rm, rv, training)
+        (y * md.tensor(upstream, device=device)).sum().backward()
+        results.append([t.numpy() for t in (y, x.grad, g.grad, b.grad, rm, rv)])
+    for ours, reference in zip(results[1], results[0]):
+        np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)

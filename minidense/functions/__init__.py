@@ -9,7 +9,7 @@ from .connection import conv2d, linear
 from .loss import cross_entropy, log_softmax_array
 from .math import add, div, exp, log, matmul, max, mean, mul, neg, pow, sqrt, sub, sum
 from .noise import dropout
-from .normalization import batch_norm
+from .normalization import batch_norm, batch_norm_relu
 from .pooling import avg_pool2d, global_avg_pool2d, max_pool2d
 
 
@@ -62,5 +62,5 @@ __all__ = [
     "relu", "sigmoid", "tanh", "concat", "flatten", "getitem", "reshape", "transpose",
     "to_device_and_dtype", "conv2d", "linear", "cross_entropy", "log_softmax_array", "add", "div",
     "exp", "log", "matmul", "max", "mean", "mul", "neg", "pow", "sqrt", "sub", "sum", "dropout",
-    "batch_norm", "avg_pool2d", "global_avg_pool2d", "max_pool2d", "backend",
+    "batch_norm", "batch_norm_relu", "avg_pool2d", "global_avg_pool2d", "max_pool2d", "backend",
 ]
