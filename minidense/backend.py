@@ -228,6 +228,8 @@ class MemoryCounter:
         self._previous = None
 
     def malloc(self, size, device_id=0):
+        if size == 0:  # nothing to count, and every empty allocation would share pointer 0
+            return 0
         rounded = -(-size // self.ROUND) * self.ROUND
         memory = self.pool.malloc(size)
         self.live[memory.ptr] = (memory, rounded)
@@ -236,6 +238,8 @@ class MemoryCounter:
         return memory.ptr
 
     def free(self, ptr, device_id=0):
+        if ptr == 0:
+            return
         memory, rounded = self.live.pop(ptr)
         self.current -= rounded
         del memory  # back to the pool
@@ -366,10 +370,14 @@ def _index_variants(name, in_params, out_params, body):
 _SGD_BODY = """
     T g = grad;
     if (weight_decay != (T)0) g = g + weight_decay * p;
-    if (momentum != (T)0) {
-        buf = first ? g : buf * momentum + one_minus_dampening * g;
-        g = nesterov ? g + momentum * buf : buf;
-    }
+    buf = first ? g : buf * momentum + one_minus_dampening * g;
+    g = nesterov ? g + momentum * buf : buf;
+    p = p - lr * g;
+"""
+
+_SGD_PLAIN_BODY = """
+    T g = grad;
+    if (weight_decay != (T)0) g = g + weight_decay * p;
     p = p - lr * g;
 """
 
@@ -415,6 +423,7 @@ CUDA_KERNELS = {
                     "T gx", _BN_BACKWARD_BODY),
     "sgd_update": ("T grad, T lr, T weight_decay, T momentum, T one_minus_dampening, "
                    "bool nesterov, bool first", "T p, T buf", _SGD_BODY),
+    "sgd_plain_update": ("T grad, T lr, T weight_decay", "T p", _SGD_PLAIN_BODY),
     "adam_update": ("T grad, T decay_factor, T weight_decay, T one_minus_beta1, T beta2, "
                     "T one_minus_beta2, T bias2_sqrt, T eps, T step_size",
                     "T p, T exp_avg, T exp_avg_sq", _ADAM_BODY),

@@ -142,13 +142,16 @@ class SGD(Optimizer):
     def update(self, p, grad, state, group):
         momentum, decay = group["momentum"], group["weight_decay"]
         if backend.device_of(p.data) == "cuda":  # one fused kernel (backend._SGD_BODY)
+            if momentum == 0:
+                backend.cuda_kernel("sgd_plain_update")(grad, group["lr"], decay, p.data)
+                return
             buf = state.get("momentum_buffer")
-            first = buf is None and momentum != 0
+            first = buf is None
             if first:
                 buf = state["momentum_buffer"] = backend.get_array_module(p.data).empty_like(p.data)
             backend.cuda_kernel("sgd_update")(
                 grad, group["lr"], decay, momentum, 1 - group["dampening"], bool(group["nesterov"]),
-                first, p.data, p.data if buf is None else buf)
+                first, p.data, buf)
             return
         if decay != 0:
             grad = grad + decay * p.data
