@@ -407,9 +407,29 @@ _BN_BACKWARD_BODY = """
     gx = ((x_hat * neg_mean_gxh + r) - mean_gy) * scale;
 """
 
+# The batch augmentation: one thread per element of the float NCHW batch, reading the
+# uint8 NHWC images: the 4-pixel zero-padded crop at the batch's offsets (in padded
+# coordinates), the horizontal flip, the transpose and x * scale + shift per channel,
+# in one pass (NumPy's path: data/loader.py random_crop_flip and normalize).
+_AUGMENT_BODY = """
+    int x = i % W;
+    int t = i / W;
+    int y = t % H; t /= H;
+    int c = t % C;
+    int n = t / C;
+    int top = AUGMENT ? (int)offsets[2 * n] : PAD;
+    int left = AUGMENT ? (int)offsets[2 * n + 1] : PAD;
+    int col = (AUGMENT && flips[n]) ? W - 1 - x : x;
+    int yy = y + top - PAD, xx = col + left - PAD;
+    T v = (0 <= yy && yy < H && 0 <= xx && xx < W) ? (T)images[((n * H + yy) * W + xx) * C + c] : (T)0;
+    out = v * scale[c] + shift[c];
+"""
+
 _RELU_MASKED = "((x_hat * gamma + beta > (T)0) ? gy : (T)0)"
 
 CUDA_KERNELS = {
+    "augment": ("raw uint8 images, raw int64 offsets, raw bool flips, raw T scale, raw T shift, "
+                "int32 H, int32 W, int32 C, int32 PAD, bool AUGMENT", "T out", _AUGMENT_BODY),
     "channel_dot": ("reduction", "T x, T z", "T y", "x * z", "a + b", "y = a", "0"),
     "channel_squared_deviation": ("reduction", "T x, T m", "T y", "(x - m) * (x - m)", "a + b",
                                   "y = a", "0"),

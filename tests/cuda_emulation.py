@@ -51,7 +51,9 @@ def _source(name, t_name, virtual_raw, scalar_inputs):
             if virtual_raw:  # a local, not a parameter: an empty struct has no C calling convention
                 prologue.insert(0, f"const Virtual {pname};")
             else:
-                args.append(f"const T* {pname}")
+                ctype = {"T": "T", "uint8": "unsigned char", "int64": "long long", "bool": "bool",
+                         "float32": "float", "float64": "double", "int32": "int"}[kind[1]]
+                args.append(f"const {ctype}* {pname}")
         elif kind[0] == "T" and pname not in scalar_inputs:
             args.append(f"const T* {pname}__p")
             prologue.append(f"const T {pname} = {pname}__p[i];")
@@ -101,7 +103,7 @@ def run(name, args, start=0, stop=None, virtual_raw=False):
     ins, outs = _params(in_params), _params(out_params)
     assert len(args) == len(ins) + len(outs), (name, len(args))
     arrays = [a for a in args if isinstance(a, np.ndarray) and a.ndim > 0]
-    t_dtype = next(a.dtype for a in arrays if a.dtype.kind == "f")
+    t_dtype = next(a.dtype for a in arrays[::-1] if a.dtype.kind == "f")  # outputs are T
     t_name, t_ctype = _T_TYPES[t_dtype]
     outputs = args[len(ins):]
     size = outputs[0].size
@@ -118,7 +120,9 @@ def run(name, args, start=0, stop=None, virtual_raw=False):
         if kind == "raw":
             if virtual_raw:
                 continue
-            assert value.flags.c_contiguous and value.dtype == t_dtype
+            declared = param[1]
+            assert value.flags.c_contiguous
+            assert value.dtype == (t_dtype if declared == "T" else np.dtype(declared)), (pname, value.dtype)
             c_args.append(value.ctypes.data_as(ctypes.c_void_p))
         elif kind == "T" and pname not in scalar_inputs:
             assert value.flags.c_contiguous and value.dtype == t_dtype and value.size == size

@@ -210,6 +210,9 @@ def test_memory_counter_tracks_the_high_water_mark():
     counter.free(b)
     counter.free(c)
     assert counter.current == 0 and not counter.live
+    assert counter.malloc(0) == 0 and counter.malloc(0) == 0   # empty arrays: nothing counted
+    counter.free(0)
+    assert counter.current == 0 and not counter.live
 
 
 @pytest.mark.gpu
@@ -341,3 +344,18 @@ def test_fused_batch_norm_kernels_match_numpy(gpu, op, training):
         results.append([t.numpy() for t in (y, x.grad, g.grad, b.grad, rm, rv)])
     for ours, reference in zip(results[1], results[0]):
         np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_loader_batches_on_the_gpu_are_the_cpu_ones(gpu, augment):
+    """The fused augmentation kernel (crop, flip, transpose, normalise in one pass)
+    gives the NumPy path's batches."""
+    from minidense import data
+    kwargs = dict(batch_size=4, shuffle=True, augment=augment, mean=[0.5, 0.4, 0.3],
+                  std=[0.2, 0.25, 0.3], seed=3, prefetch=0)
+    on_cpu = list(data.DataLoader(_small_dataset(), device="cpu", **kwargs).iterate(1))
+    on_gpu = list(data.DataLoader(_small_dataset(), device="cuda", **kwargs).iterate(1))
+    for (x1, y1), (x2, y2) in zip(on_gpu, on_cpu):
+        assert x1.device == "cuda" and x1.dtype == np.float32 and x1.shape == x2.shape
+        np.testing.assert_allclose(x1.numpy(), x2.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(y1.numpy(), y2.numpy())

@@ -146,6 +146,18 @@ class DataLoader:
         _, labels, offsets, flips = plan
         picked = slice(index * self.batch_size, (index + 1) * self.batch_size)
         images = self.xp.asarray(images)   # the one copy per batch
+        if backend.device_of(images) == "cuda":  # one fused kernel (backend._AUGMENT_BODY)
+            xp = self.xp
+            n, h, w, c = images.shape
+            out = xp.empty((n, c, h, w), dtype=self.dtype)
+            scale, shift = self.normalization
+            if self.augment:
+                offsets, flips = xp.ascontiguousarray(offsets[picked]), xp.ascontiguousarray(flips[picked])
+            else:  # unread, but of the declared types
+                offsets, flips = xp.zeros((1, 2), dtype=np.int64), xp.zeros(1, dtype=np.bool_)
+            backend.cuda_kernel("augment")(xp.ascontiguousarray(images), offsets, flips, scale, shift,
+                                           h, w, c, self.pad, self.augment, out)
+            return Tensor(out), Tensor(labels[picked])
         if self.augment:
             images = random_crop_flip(images, offsets[picked], flips[picked], self.pad)
         images = normalize(images, *self.normalization, self.dtype)
