@@ -8,6 +8,8 @@ optional: ``import minidense`` works without it, and only asking for
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 try:  # CuPy is an optional dependency (the ``gpu`` extra).
@@ -176,12 +178,8 @@ def tf32_enabled() -> bool:
 
 def synchronize(device: str = "cuda") -> None:
     """Wait for the GPU's queued work (a no-op on the CPU)."""
-    if device_of_name(device) == "cuda":
+    if check_device(device) == "cuda":
         _cupy.cuda.Device().synchronize()
-
-
-def device_of_name(device) -> str:
-    return check_device(device)
 
 
 class Timer:
@@ -198,7 +196,6 @@ class Timer:
         if self.cuda:
             self.begin.record()
         else:
-            import time
             self.t0 = time.perf_counter()
 
     def stop(self) -> float:
@@ -206,7 +203,6 @@ class Timer:
             self.end.record()
             self.end.synchronize()
             return _cupy.cuda.get_elapsed_time(self.begin, self.end)
-        import time
         return (time.perf_counter() - self.t0) * 1e3
 
 

@@ -359,3 +359,27 @@ def test_loader_batches_on_the_gpu_are_the_cpu_ones(gpu, augment):
         assert x1.device == "cuda" and x1.dtype == np.float32 and x1.shape == x2.shape
         np.testing.assert_allclose(x1.numpy(), x2.numpy(), rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(y1.numpy(), y2.numpy())
+
+
+@pytest.mark.parametrize("op", [
+    lambda x, w: md.conv2d(x, w, stride=1, padding=1),
+    lambda x, w: md.conv2d(x, w, stride=2, padding=0),
+    lambda x, w: md.conv2d(x, w[:, :, :1, :1]),
+    lambda x, w: md.max_pool2d(x, 3, 2, 1) * w.sum(),
+    lambda x, w: md.max_pool2d(x, 2) * w.sum(),
+    lambda x, w: md.avg_pool2d(x, 3, 2, 1) * w.sum(),
+    lambda x, w: md.avg_pool2d(x, 2) * w.sum(),
+], ids=["conv3x3", "conv-stride2", "conv1x1", "maxpool-padded", "maxpool-tiled", "avgpool-padded",
+        "avgpool-tiled"])
+def test_convolution_and_pooling_on_the_gpu_match_the_cpu(gpu, op):
+    rng = np.random.default_rng(2)
+    x0 = rng.permutation(2 * 3 * 8 * 8).reshape(2, 3, 8, 8) / 50.0   # distinct: no max-pool ties
+    w0 = rng.standard_normal((4, 3, 3, 3))
+    results = []
+    for device in ("cpu", "cuda"):
+        x, w = md.tensor(x0, device=device, requires_grad=True), md.tensor(w0, device=device, requires_grad=True)
+        y = op(x, w)
+        (y * md.tensor(np.linspace(-1, 1, y.size).reshape(y.shape), device=device)).sum().backward()
+        results.append([y.numpy(), x.grad.numpy(), w.grad.numpy()])
+    for ours, reference in zip(results[1], results[0]):
+        np.testing.assert_allclose(ours, reference, rtol=1e-10, atol=1e-12)
