@@ -327,13 +327,14 @@ def test_batch_norm_relu_is_relu_of_batch_norm(training):
                         [x, g, b])
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 5, 3), (6, 3)], ids=["NCHW", "NC"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("op", ["batch_norm", "batch_norm_relu"])
-def test_fused_batch_norm_kernels_match_numpy(gpu, op, training):
+def test_fused_batch_norm_kernels_match_numpy(gpu, op, training, shape):
     """The CuPy kernels of batch_norm and batch_norm_relu (forward, backward, running
     statistics) against the NumPy path, float64."""
     rng = np.random.default_rng(1)
-    x0, g0, b0 = rng.standard_normal((4, 3, 5, 3)), rng.uniform(0.5, 1.5, 3), rng.standard_normal(3)
+    x0, g0, b0 = rng.standard_normal(shape), rng.uniform(0.5, 1.5, 3), rng.standard_normal(3)
     upstream = rng.standard_normal(x0.shape)
     results = []
     for device in ("cpu", "cuda"):

@@ -88,7 +88,7 @@ class BatchNorm(Function):
         scale = (gamma * inv_std).reshape(bshape)
         count = gy.size // gy.shape[1]
         if backend.device_of(gy) == "cuda":
-            beta = rest[0] if self.relu else xp_zeros_like(gamma)
+            beta = rest[0] if self.relu else _zeros_like(gamma)
             per_channel = (gamma.reshape(bshape), beta.reshape(bshape))
             if self.relu:
                 gbeta = _reduce("relu_masked_sum", gy, x_hat, *per_channel)
@@ -98,7 +98,7 @@ class BatchNorm(Function):
             if self.training:
                 mean_gy, neg_mean_gxh = gbeta / count, -ggamma / count
             else:
-                mean_gy, neg_mean_gxh = xp_zeros_like(gbeta), xp_zeros_like(ggamma)
+                mean_gy, neg_mean_gxh = _zeros_like(gbeta), _zeros_like(ggamma)
             gx = backend.get_array_module(gy).empty_like(gy)
             backend.cuda_kernel("bn_backward")(
                 gy, x_hat, *per_channel, scale, mean_gy.reshape(bshape), neg_mean_gxh.reshape(bshape),
@@ -128,7 +128,7 @@ class BatchNormReLU(BatchNorm):
     relu = True
 
 
-def xp_zeros_like(a):
+def _zeros_like(a):
     return backend.get_array_module(a).zeros_like(a)
 
 
@@ -136,7 +136,7 @@ def _reduce(name, *arrays):
     """A per-channel CuPy reduction kernel over every axis but 1, on (N, C, L) views
     (per-channel arrays as (1, C, 1), broadcast)."""
     n, c = arrays[0].shape[:2]
-    views = [a.reshape(n, c, -1) if a.shape[0] == n and a.ndim > 2 else a.reshape(1, c, 1)
+    views = [a.reshape(n, c, -1) if a.size == arrays[0].size else a.reshape(1, c, 1)
              for a in arrays]
     return backend.cuda_kernel(name)(*views, axis=(0, 2))
 
