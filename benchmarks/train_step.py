@@ -40,7 +40,7 @@ import numpy as np
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS_DIR))
 from ops import (RESULTS_DIR, blas_description, finish_run, machine_description, summary,  # noqa: E402
-                 torch)
+                 torch, write_json_atomically)
 
 import minidense as md  # noqa: E402  (ops put the repository on the path)
 
@@ -323,6 +323,7 @@ def main(argv=None):
     print()
 
     load_before = os.getloadavg()
+    json_path = args.json or RESULTS_DIR / f"train-step-{args.device}.json"
     results = []
     for name in model_names:
         for batch_size in batch_sizes:
@@ -331,10 +332,13 @@ def main(argv=None):
                 continue
             steps = args.steps or DEFAULT_STEPS[args.device].get(name, DEFAULT_STEPS_ELSEWHERE[args.device])
             results.append(run_model(name, batch_size, args.device, use_torch, steps, warmup))
+            # After every case, so that a run killed for time keeps the cases it finished.
+            write_json_atomically(json_path, {"benchmark": "benchmarks/train_step.py", "partial": True,
+                                              "machine": machine, "settings": settings,
+                                              "results": results})
     print()
     print_table(results, use_torch, args.device)
-    finish_run("benchmarks/train_step.py", machine, settings,
-               load_before, results, args.json or RESULTS_DIR / f"train-step-{args.device}.json")
+    finish_run("benchmarks/train_step.py", machine, settings, load_before, results, json_path)
 
 
 if __name__ == "__main__":
