@@ -222,7 +222,7 @@ def stage_train(args):
     budget = args.budget - TRAIN_BUDGET_MARGIN
     out = Path(args.work) / "train.json"
     if args.smoke:
-        device, budget = "cpu", 1.0
+        device, budget = getattr(args, "device", None) or "cpu", 1.0   # tests pass a fake "cuda"
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
         train_set = md.data.ImageDataset(images[:64], np.arange(64) % 10, list("0123456789"))

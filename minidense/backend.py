@@ -162,12 +162,14 @@ def set_tf32(enabled: bool) -> None:
     inputs, float32 accumulation), as ``torch.backends.cuda.matmul.allow_tf32`` does.
 
     Off by default, so that float32 results keep their tolerances; the training
-    command turns it on.  Without CuPy (or on GPUs older than Ampere, where CuPy
-    refuses it) only the flag is recorded: the CPU never uses TF32."""
+    command turns it on.  Without CuPy only the flag is recorded (the CPU never uses
+    TF32); on GPUs older than Ampere CuPy warns and keeps full float32.  It applies
+    to 2-D products (CuPy's dot), which is what minidense's layers use; CuPy's
+    batched matmul ignores it."""
     global _tf32
     _tf32 = bool(enabled)
     if cuda_available():
-        from cupy._core import _routines_linalg as linalg  # where CuPy keeps its GEMM compute type
+        linalg = _cupy._core._routines_linalg  # where CuPy keeps its GEMM compute type
         linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if _tf32
                                 else linalg.COMPUTE_TYPE_DEFAULT)
 

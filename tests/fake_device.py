@@ -81,6 +81,9 @@ class _FakeCupy(types.ModuleType):
         self.cuda = types.SimpleNamespace(
             runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
             Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None))
+        linalg = types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7, compute_types={})
+        linalg.set_compute_type = lambda dtype, kind: linalg.compute_types.__setitem__(np.dtype(dtype), kind)
+        self._core = types.SimpleNamespace(_routines_linalg=linalg)
         self.random = types.SimpleNamespace(
             Generator=_FakeGenerator, Philox4x3210=lambda seed=None: np.random.Philox(seed))
 

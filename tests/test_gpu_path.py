@@ -229,14 +229,18 @@ def test_memory_counter_on_the_gpu(device):
         counter.uninstall()
 
 
-def test_tf32_is_off_by_default_and_switchable():
+def test_tf32_is_off_by_default_and_switchable(monkeypatch):
     assert md.backend.tf32_enabled() is False
+    fake = fake_cuda(monkeypatch)
+    linalg = fake._core._routines_linalg
     try:
         md.backend.set_tf32(True)
         assert md.backend.tf32_enabled() is True
+        assert linalg.compute_types[np.dtype(np.float32)] == linalg.COMPUTE_TYPE_TF32
     finally:
         md.backend.set_tf32(False)
     assert md.backend.tf32_enabled() is False
+    assert linalg.compute_types[np.dtype(np.float32)] == linalg.COMPUTE_TYPE_DEFAULT
 
 
 @pytest.mark.gpu

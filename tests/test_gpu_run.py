@@ -38,3 +38,20 @@ def test_gpu_run_smoke_mode_runs_every_stage(tmp_path):
     # At most 20 s: measured as CPU time (every stage process included), which other
     # programs on a shared machine do not inflate as they do the wall time.
     assert cpu <= 20, f"the smoke run took {cpu:.1f} s of CPU time ({wall:.1f} s wall); at most 20"
+
+
+def test_gpu_run_training_stage_on_the_fake_gpu(tmp_path, monkeypatch):
+    """The training stage's device path (fused augmentation, batch norm and optimizer
+    kernels, losses kept on the device, evaluation) on the pretend GPU of
+    tests/fake_device.py, in process: what the smoke run on the CPU cannot reach."""
+    from argparse import Namespace
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import gpu_run
+    import minidense as md
+    from fake_device import fake_cuda
+    fake_cuda(monkeypatch)
+    monkeypatch.setattr(md.backend, "_tf32", False)   # the stage turns it on; undone after the test
+    gpu_run.stage_train(Namespace(smoke=True, device="cuda", work=str(tmp_path), budget=30, data=None))
+    report = json.loads((tmp_path / "train.json").read_text())
+    assert report["device"] == "cuda" and report["status"] == "passed" and report["tf32"] is True
+    assert report["epochs"] and 0 <= report["final_test_accuracy"] <= 1
