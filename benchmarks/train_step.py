@@ -20,7 +20,7 @@ TF32 for matrix products and convolutions on both sides (``--no-tf32``: neither)
 and cudnn.benchmark on for PyTorch.  Steps are timed with CUDA events after the
 warm-up.  Peak memory is reported on CUDA only: the bytes handed to arrays at
 their high-water mark, counted by ``md.backend.MemoryCounter`` in front of CuPy's
-pool, against torch.cuda.max_memory_allocated (and max_memory_reserved, with the
+pool in a separate, untimed run of two steps, against torch.cuda.max_memory_allocated (and max_memory_reserved, with the
 pool's total beside it).  On the CPU one process holds both frameworks, so its peak
 resident size says nothing about either.  ``--deadline SECONDS`` starts no new case
 after that long (the GPU run's budget), and the JSON holds the cases that ran.  Results also go to a JSON file
@@ -73,7 +73,7 @@ class MinidenseTrainer:
         self.xp = md.backend.get_array_module(next(iter(self.model.parameters())).data)
         self.device = device
         self.peak_bytes = 0
-        self.counter = MEMORY_COUNTER
+        self.counted_peak = None   # set by measure_peak_memory
 
     def step(self):
         loss = md.cross_entropy(self.model(self.images), self.labels)
@@ -93,12 +93,11 @@ class MinidenseTrainer:
     def reset_memory(self):
         if self.xp is not np:
             self.xp.get_default_memory_pool().free_all_blocks()
-            self.counter.reset_peak()
 
     def memory(self):
         if self.xp is np:
             return None
-        return {"max_bytes_allocated": self.counter.peak, "pool_total_bytes_peak": self.peak_bytes}
+        return {"max_bytes_allocated": self.counted_peak, "pool_total_bytes_peak": self.peak_bytes}
 
     def timer(self):
         return md.backend.Timer(self.device)
@@ -162,7 +161,24 @@ class TorchTimer:
         return self.begin.elapsed_time(self.end)
 
 
-MEMORY_COUNTER = None  # md.backend.MemoryCounter, installed by main() on CUDA
+def measure_peak_memory(name, device, images, labels, steps=2):
+    """Peak bytes held by arrays over ``steps`` training steps of a fresh copy of the
+    model, counted by md.backend.MemoryCounter installed before the model reaches the
+    GPU (so that weights, gradients and momentum count, as in
+    torch.cuda.max_memory_allocated).  A separate run: the counting allocator is
+    Python code on every allocation, which the timed steps must not pay."""
+    counter = md.backend.MemoryCounter().install()
+    try:
+        trainer = MinidenseTrainer(md.models.get(name), device, images, labels)
+        for _ in range(steps):
+            trainer.step()
+        md.backend.synchronize(device)
+        peak = counter.peak
+        del trainer
+        gc.collect()
+    finally:
+        counter.uninstall()
+    return peak
 
 
 def time_steps(trainers, steps, warmup):
@@ -206,6 +222,8 @@ def run_model(name, batch_size, device, use_torch, steps, warmup):
     for trainer in trainers:
         trainer.reset_memory()
     times = time_steps(trainers, steps, warmup)
+    if device == "cuda":
+        trainers[0].counted_peak = measure_peak_memory(name, device, images, labels)
     for trainer, ms in zip(trainers, times):
         result[trainer.name] = summary(ms)
         result[trainer.name]["images_per_s"] = batch_size / (result[trainer.name]["median_ms"] / 1e3)
@@ -295,8 +313,6 @@ def main(argv=None):
                 "momentum": MOMENTUM, "warmup": warmup,
                 "input": "random normal 3x32x32, random labels of 10 classes"}
     if args.device == "cuda":
-        global MEMORY_COUNTER
-        MEMORY_COUNTER = md.backend.MemoryCounter().install()
         tf32 = not args.no_tf32
         md.backend.set_tf32(tf32)
         settings.update(clock="CUDA events", minidense_tf32=tf32)

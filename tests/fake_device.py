@@ -78,9 +78,16 @@ class _FakeCupy(types.ModuleType):
 
     def __init__(self):
         super().__init__("fake_cupy")
+        pool = _FakePool()
+        self.get_default_memory_pool = lambda: pool
+        allocator = {"current": pool.malloc}
         self.cuda = types.SimpleNamespace(
             runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
-            Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None))
+            Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None),
+            Event=_FakeEvent, get_elapsed_time=lambda start, end: (end.time - start.time) * 1e3,
+            get_allocator=lambda: allocator["current"],
+            set_allocator=lambda function: allocator.__setitem__("current", function),
+            memory=types.SimpleNamespace(PythonFunctionAllocator=_FakeFunctionAllocator))
         linalg = types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7, compute_types={})
         linalg.set_compute_type = lambda dtype, kind: linalg.compute_types.__setitem__(np.dtype(dtype), kind)
         self._core = types.SimpleNamespace(_routines_linalg=linalg)
@@ -109,6 +116,41 @@ class _FakeCupy(types.ModuleType):
             args = [_host(a) if not isinstance(a, (list, tuple)) else [_host(v) for v in a] for a in args]
             return _wrap(function(*args, **{k: _host(v) for k, v in kwargs.items()}))
         return call
+
+
+class _FakePool:
+    """CuPy's memory pool as MemoryCounter and the benchmarks use it (numbers only:
+    the fake arrays live in host memory and never ask it for any)."""
+
+    def __init__(self):
+        self.next = 1 << 20
+
+    def malloc(self, size):
+        self.next += max(size, 1)
+        return types.SimpleNamespace(ptr=self.next)
+
+    def total_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+
+class _FakeEvent:
+    def record(self):
+        import time
+        self.time = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+class _FakeFunctionAllocator:
+    def __init__(self, malloc, free):
+        self.malloc_function, self.free = malloc, free
+
+    def malloc(self, size):
+        return self.malloc_function(size, 0)
 
 
 class _FakeGenerator:

@@ -55,3 +55,19 @@ def test_gpu_run_training_stage_on_the_fake_gpu(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "train.json").read_text())
     assert report["device"] == "cuda" and report["status"] == "passed" and report["tf32"] is True
     assert report["epochs"] and 0 <= report["final_test_accuracy"] <= 1
+
+
+def test_train_step_cuda_path_on_the_fake_gpu(monkeypatch):
+    """train_step.py's CUDA-only code (event timing, the separate peak-memory run with
+    MemoryCounter installed and removed) on the pretend GPU, minidense alone."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import train_step
+    import minidense as md
+    from fake_device import fake_cuda
+    fake = fake_cuda(monkeypatch)
+    allocator = fake.cuda.get_allocator()
+    result = train_step.run_model("resnet20", 2, "cuda", False, steps=1, warmup=0)
+    assert result["minidense"]["median_ms"] > 0
+    assert result["minidense"]["memory"]["max_bytes_allocated"] == 0   # fake arrays live on the host
+    assert fake.cuda.get_allocator() is allocator                       # the counter was removed
+    assert md.backend.device_of(md.zeros(2, device="cuda").data) == "cuda"
