@@ -100,7 +100,16 @@ def _as_array(data, dtype, device):
         array = data if device is None else backend.to_device(data, device)
         return array if dtype is None else array.astype(dtype, copy=False)
     xp = backend.array_module(device or "cpu")
-    data = backend.host_nested(data)  # a list of CuPy scalars: np.asarray cannot read them
+    try:
+        return _from_python(data, dtype, xp)
+    except TypeError:
+        # CuPy values inside a list (``[loss1.data, loss2.data]``): NumPy cannot read
+        # them, CuPy refusing implicit copies to the host, so copy them first.
+        return _from_python(backend.host_nested(data), dtype, xp)
+
+
+def _from_python(data, dtype, xp):
+    """Numbers and (nested) lists as an ``xp`` array, by the rule above."""
     if dtype is None:
         probe = np.asarray(data)
         if probe.dtype.kind == "f":

@@ -60,6 +60,18 @@ def test_tensor_of_a_list_of_device_scalars(gpu):
     assert md.tensor([[scalars[0]], [2.0]]).tolist() == [[6.0], [2.0]]
 
 
+def test_host_nested_copies_device_values_to_the_host(monkeypatch):
+    """What md.tensor falls back on when NumPy refuses CuPy values inside a list."""
+    fake = fake_cuda(monkeypatch)
+    x = md.tensor([1.0, 2.0], device="cuda").data
+    one, two = fake.asarray(1.0), fake.asarray(2.0)     # 0-d device arrays, as CuPy's scalars are
+    nested = md.backend.host_nested([one, [two, 3.0], (x, 4)])
+    assert type(nested[0]) is np.ndarray and type(nested[1][0]) is np.ndarray
+    assert type(nested[2][0]) is np.ndarray and nested[2][1] == 4 and nested[1][1] == 3.0
+    assert np.asarray(nested[2][0]).tolist() == [1.0, 2.0]
+    assert md.backend.host_nested(5.0) == 5.0
+
+
 def test_tensor_of_a_list_of_numpy_scalars():
     t = md.tensor([np.float32(1.5), np.float64(2.0), 3])
     assert t.dtype == np.float32 and t.tolist() == [1.5, 2.0, 3.0]
