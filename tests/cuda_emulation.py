@@ -15,7 +15,9 @@ an output buffer of stop - start elements: how the tests look at elements past 2
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
+import functools
 import hashlib
 import shutil
 import subprocess
@@ -31,6 +33,7 @@ _C_TYPES = {"int32": ("int", ctypes.c_int), "float32": ("float", ctypes.c_float)
             "float64": ("double", ctypes.c_double), "bool": ("bool", ctypes.c_bool)}
 _T_TYPES = {np.dtype(np.float32): ("float", ctypes.c_float), np.dtype(np.float64): ("double", ctypes.c_double)}
 _BUILD_DIR = Path(tempfile.mkdtemp(prefix="minidense-kernels-"))
+atexit.register(functools.partial(shutil.rmtree, _BUILD_DIR, ignore_errors=True))
 _libraries = {}
 
 
