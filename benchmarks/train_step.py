@@ -15,10 +15,15 @@ after warm-up is reported with the ratio of the minimums beside it (see
 benchmarks/ops.py).  PyTorch gets as many threads as minidense's BLAS uses.  The ratio
 is minidense's step time over PyTorch's.
 
-Peak memory is reported on CUDA only: the high-water mark of CuPy's memory pool
-(``total_bytes``, read after every step) against torch.cuda.max_memory_allocated and
-max_memory_reserved.  On the CPU one process holds both frameworks, so its peak
-resident size says nothing about either.  Results also go to a JSON file
+On CUDA both frameworks use the same settings, stated in the output and the JSON:
+TF32 for matrix products and convolutions on both sides (``--no-tf32``: neither),
+and cudnn.benchmark on for PyTorch.  Steps are timed with CUDA events after the
+warm-up.  Peak memory is reported on CUDA only: the bytes handed to arrays at
+their high-water mark, counted by ``md.backend.MemoryCounter`` in front of CuPy's
+pool in a separate, untimed run of two steps, against torch.cuda.max_memory_allocated (and max_memory_reserved, with the
+pool's total beside it).  On the CPU one process holds both frameworks, so its peak
+resident size says nothing about either.  ``--deadline SECONDS`` starts no new case
+after that long (the GPU run's budget), and the JSON holds the cases that ran.  Results also go to a JSON file
 (``benchmarks/results/train-step-<device>.json`` unless ``--json`` says otherwise).
 """
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS_DIR))
 from ops import (RESULTS_DIR, blas_description, finish_run, machine_description, summary,  # noqa: E402
-                 torch)
+                 torch, write_json_atomically)
 
 import minidense as md  # noqa: E402  (ops put the repository on the path)
 
@@ -66,7 +71,9 @@ class MinidenseTrainer:
         self.images = md.tensor(images, device=device)
         self.labels = md.tensor(labels, device=device)
         self.xp = md.backend.get_array_module(next(iter(self.model.parameters())).data)
+        self.device = device
         self.peak_bytes = 0
+        self.counted_peak = None   # set by measure_peak_memory
 
     def step(self):
         loss = md.cross_entropy(self.model(self.images), self.labels)
@@ -80,7 +87,7 @@ class MinidenseTrainer:
 
     def synchronize(self):
         if self.xp is not np:  # CuPy: kernels run asynchronously
-            self.xp.cuda.Device().synchronize()
+            md.backend.synchronize("cuda")
             self.peak_bytes = max(self.peak_bytes, self.xp.get_default_memory_pool().total_bytes())
 
     def reset_memory(self):
@@ -88,7 +95,12 @@ class MinidenseTrainer:
             self.xp.get_default_memory_pool().free_all_blocks()
 
     def memory(self):
-        return {"pool_total_bytes_peak": self.peak_bytes} if self.xp is not np else None
+        if self.xp is np:
+            return None
+        return {"max_bytes_allocated": self.counted_peak, "pool_total_bytes_peak": self.peak_bytes}
+
+    def timer(self):
+        return md.backend.Timer(self.device)
 
 
 class TorchTrainer:
@@ -132,6 +144,42 @@ class TorchTrainer:
         return {"max_memory_allocated": torch.cuda.max_memory_allocated(),
                 "max_memory_reserved": torch.cuda.max_memory_reserved()}
 
+    def timer(self):
+        return TorchTimer() if self.device == "cuda" else md.backend.Timer("cpu")
+
+
+class TorchTimer:
+    """CUDA events on PyTorch's current stream."""
+
+    def start(self):
+        self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.begin.record()
+
+    def stop(self):
+        self.end.record()
+        self.end.synchronize()
+        return self.begin.elapsed_time(self.end)
+
+
+def measure_peak_memory(name, device, images, labels, steps=2):
+    """Peak bytes held by arrays over ``steps`` training steps of a fresh copy of the
+    model, counted by md.backend.MemoryCounter installed before the model reaches the
+    GPU (so that weights, gradients and momentum count, as in
+    torch.cuda.max_memory_allocated).  A separate run: the counting allocator is
+    Python code on every allocation, which the timed steps must not pay."""
+    counter = md.backend.MemoryCounter().install()
+    try:
+        trainer = MinidenseTrainer(md.models.get(name), device, images, labels)
+        for _ in range(steps):
+            trainer.step()
+        md.backend.synchronize(device)
+        peak = counter.peak
+        del trainer
+        gc.collect()
+    finally:
+        counter.uninstall()
+    return peak
+
 
 def time_steps(trainers, steps, warmup):
     """Milliseconds of each timed step, the frameworks taking turns step by step.  (A
@@ -142,13 +190,14 @@ def time_steps(trainers, steps, warmup):
             trainer.step()
             trainer.synchronize()
     times = [[] for _ in trainers]
+    timers = [trainer.timer() for trainer in trainers]  # CUDA events on the GPU, else the wall clock
     for _ in range(steps):
-        for trainer, record in zip(trainers, times):
+        for trainer, timer, record in zip(trainers, timers, times):
             trainer.synchronize()
-            start = time.perf_counter()
+            timer.start()
             trainer.step()
+            record.append(timer.stop())
             trainer.synchronize()
-            record.append((time.perf_counter() - start) * 1e3)
     return times
 
 
@@ -173,6 +222,8 @@ def run_model(name, batch_size, device, use_torch, steps, warmup):
     for trainer in trainers:
         trainer.reset_memory()
     times = time_steps(trainers, steps, warmup)
+    if device == "cuda":
+        trainers[0].counted_peak = measure_peak_memory(name, device, images, labels)
     for trainer, ms in zip(trainers, times):
         result[trainer.name] = summary(ms)
         result[trainer.name]["images_per_s"] = batch_size / (result[trainer.name]["median_ms"] / 1e3)
@@ -196,7 +247,7 @@ def print_table(results, has_torch, device):
     header = (f"{'model':<19} {'batch':>5} {'steps':>5}   {'ms/step':>8} {'img/s':>7}   "
               f"{'torch ms':>8} {'img/s':>7}   {'ratio':>6} {'min':>6}")
     if memory:
-        header += f"   {'MiB pool':>8} {'torch alloc':>11} {'reserved':>8}"
+        header += f"   {'MiB ours':>8} {'torch alloc':>11} {'mem ratio':>9}   {'pool':>6} {'reserved':>8}"
     print(header)
     print("-" * len(header))
     for r in results:
@@ -210,10 +261,13 @@ def print_table(results, has_torch, device):
         else:
             line += f"{'-':>8} {'-':>7}   {'-':>6} {'-':>6}"
         if memory:
-            line += f"   {mebibytes(mine['memory']['pool_total_bytes_peak']):>8}"
+            ours = mine["memory"]
+            line += f"   {mebibytes(ours['max_bytes_allocated']):>8}"
             if has_torch:
                 theirs = r["torch"]["memory"]
-                line += (f" {mebibytes(theirs['max_memory_allocated']):>11} "
+                ratio = ours["max_bytes_allocated"] / max(theirs["max_memory_allocated"], 1)
+                line += (f" {mebibytes(theirs['max_memory_allocated']):>11} {ratio:8.2f}x   "
+                         f"{mebibytes(ours['pool_total_bytes_peak']):>6} "
                          f"{mebibytes(theirs['max_memory_reserved']):>8}")
         print(line)
     if not memory:
@@ -233,8 +287,13 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", default=None,
                         help="where to write the results (default benchmarks/results/train-step-<device>.json)")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="on CUDA: no TF32 on either side (default: TF32 for both frameworks)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which no new case starts (default: none)")
     args = parser.parse_args(argv)
     md.backend.check_device(args.device)
+    started = time.perf_counter()
     model_names = [m.strip() for m in args.models.split(",") if m.strip()]
     for name in model_names:
         if name not in md.models.names:
@@ -250,6 +309,20 @@ def main(argv=None):
             parser.error(f"no PyTorch twin for {', '.join(missing)} (CIFAR models only)")
         torch.set_num_threads(blas["threads"])
     machine = machine_description(args.device, blas)
+    settings = {"dtype": "float32", "optimizer": "SGD", "learning_rate": LEARNING_RATE,
+                "momentum": MOMENTUM, "warmup": warmup,
+                "input": "random normal 3x32x32, random labels of 10 classes"}
+    if args.device == "cuda":
+        tf32 = not args.no_tf32
+        md.backend.set_tf32(tf32)
+        settings.update(clock="CUDA events", minidense_tf32=tf32)
+        if use_torch:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cudnn.benchmark = True
+            settings.update(torch_matmul_tf32=tf32, torch_cudnn_tf32=tf32, torch_cudnn_benchmark=True)
+    else:
+        settings["clock"] = "wall"
     print(f"minidense on {'NumPy' if args.device == 'cpu' else 'CuPy'} vs "
           + (f"PyTorch {torch.__version__} on {args.device}" if use_torch
              else "no PyTorch (not importable)" if torch is None else f"no PyTorch (this torch has no {args.device})"))
@@ -257,23 +330,31 @@ def main(argv=None):
           f"BLAS {blas.get('name')} {blas.get('version')} with {blas['threads']} thread(s)"
           + (f"; torch set to {torch.get_num_threads()} to match" if use_torch else "")
           + (f"; GPU {machine['gpu']}, CuPy {machine['cupy']}" if args.device == "cuda" else ""))
-    print(f"float32, training mode, SGD momentum {MOMENTUM}; wall time per step (forward, cross-entropy, "
-          f"zero_grad, backward, update), median of the interleaved timed steps after {warmup} warm-up; "
-          f"ratio = minidense / torch\n")
+    print(f"float32, training mode, SGD momentum {MOMENTUM}; {settings['clock']} time per step (forward, "
+          f"cross-entropy, zero_grad, backward, update), median of the interleaved timed steps after "
+          f"{warmup} warm-up; ratio = minidense / torch")
+    if args.device == "cuda":
+        print(f"TF32 {'on' if settings['minidense_tf32'] else 'off'} for both frameworks"
+              + ("; torch cudnn.benchmark on" if use_torch else ""))
+    print()
 
     load_before = os.getloadavg()
+    json_path = args.json or RESULTS_DIR / f"train-step-{args.device}.json"
     results = []
     for name in model_names:
         for batch_size in batch_sizes:
+            if args.deadline is not None and time.perf_counter() - started > args.deadline:
+                print(f"  {name}, batch {batch_size}: skipped, past the {args.deadline:.0f} s deadline")
+                continue
             steps = args.steps or DEFAULT_STEPS[args.device].get(name, DEFAULT_STEPS_ELSEWHERE[args.device])
             results.append(run_model(name, batch_size, args.device, use_torch, steps, warmup))
+            # After every case, so that a run killed for time keeps the cases it finished.
+            write_json_atomically(json_path, {"benchmark": "benchmarks/train_step.py", "partial": True,
+                                              "machine": machine, "settings": settings,
+                                              "results": results})
     print()
     print_table(results, use_torch, args.device)
-    finish_run("benchmarks/train_step.py", machine,
-               {"dtype": "float32", "clock": "wall", "optimizer": "SGD",
-                "learning_rate": LEARNING_RATE, "momentum": MOMENTUM, "warmup": warmup,
-                "input": "random normal 3x32x32, random labels of 10 classes"},
-               load_before, results, args.json or RESULTS_DIR / f"train-step-{args.device}.json")
+    finish_run("benchmarks/train_step.py", machine, settings, load_before, results, json_path)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from .autograd import Function, Tensor, as_tensor, enable_grad, is_grad_enabled,
 from .backend import cuda_available, manual_seed
 from .functions.array import as_tuple as _as_tuple
 from .functions import (
-    add, avg_pool2d, batch_norm, concat, conv2d, cross_entropy, div, dropout, exp, flatten,
+    add, avg_pool2d, batch_norm, batch_norm_relu, concat, conv2d, cross_entropy, div, dropout, exp, flatten,
     global_avg_pool2d, linear, log, matmul, max, max_pool2d, mean, mul, neg, pow, relu, reshape,
     sigmoid, sqrt, sub, sum, tanh, transpose,
 )

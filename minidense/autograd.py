@@ -100,6 +100,16 @@ def _as_array(data, dtype, device):
         array = data if device is None else backend.to_device(data, device)
         return array if dtype is None else array.astype(dtype, copy=False)
     xp = backend.array_module(device or "cpu")
+    try:
+        return _from_python(data, dtype, xp)
+    except TypeError:
+        # CuPy values inside a list (``[loss1.data, loss2.data]``): NumPy cannot read
+        # them, CuPy refusing implicit copies to the host, so copy them first.
+        return _from_python(backend.host_nested(data), dtype, xp)
+
+
+def _from_python(data, dtype, xp):
+    """Numbers and (nested) lists as an ``xp`` array, by the rule above."""
     if dtype is None:
         probe = np.asarray(data)
         if probe.dtype.kind == "f":
@@ -406,10 +416,10 @@ def run_backward(root: Tensor, grad=None, retain_graph: bool = False) -> None:
         _, node = heapq.heappop(heap)
         # One expression, no local names: the gradients of the node's outputs and those
         # it computes for its inputs are freed as soon as they have been passed on.
-        _pass_on(node, _call_backward(node, pending.pop(node), xp, retain_graph), pending, heap)
+        _pass_on(node, _call_backward(node, pending.pop(node), retain_graph), pending, heap)
 
 
-def _call_backward(node: Function, grad_outputs, xp, retain_graph: bool):
+def _call_backward(node: Function, grad_outputs, retain_graph: bool):
     """Run ``node.backward`` on the gradients of its outputs; one gradient per input."""
     if node.saved is None:
         raise RuntimeError(f"backward: {type(node).__name__} was already backpropagated and its "
@@ -420,6 +430,9 @@ def _call_backward(node: Function, grad_outputs, xp, retain_graph: bool):
         if output is not None and output._retain_grad and grad is not None:
             _accumulate_into_grad(output, grad)
     if not node.accepts_none_grads:
+        # Zeros on the node's own device (a graph can cross devices with .to()): the
+        # array module of a gradient that arrived; a queued node has at least one.
+        xp = backend.get_array_module(next(g for g in grad_outputs if g is not None))
         grad_outputs = [g if g is not None else xp.zeros(shape, dtype)
                         for g, (shape, dtype) in zip(grad_outputs, node.output_meta)]
     grad_inputs = node.backward(*grad_outputs)

@@ -31,7 +31,7 @@ import sys
 import numpy as np
 
 from . import backend
-from .functions.normalization import BatchNorm, _channel_dot, _channel_sum
+from .functions.normalization import BatchNorm, _channel_dot, _channel_sum, _reduce
 from .nn.layers import BatchNorm2d
 
 # (rank, size) variables that MPI launchers set: Open MPI, MPICH/Hydra and Intel MPI
@@ -238,8 +238,8 @@ def init() -> Communicator:
 # ---------------------------------------------------------------------------
 class SyncBatchNormFunction(BatchNorm):
     """Batch normalisation whose training statistics are those of the global batch:
-    the per-channel sums (and the counts) are added up over the ranks, in two passes
-    (the mean, then the centred squares) as one process computes them.  In the
+    the per-channel sums are added up over the ranks, in two passes (the mean, then the
+    centred squares) as one process computes them; every rank's batch has the same size.  In the
     backward pass the two sums of the batch-statistics term are added up too; the
     parameter gradients stay local, since ``average_gradients`` averages them."""
 
@@ -247,16 +247,18 @@ class SyncBatchNormFunction(BatchNorm):
         super().__init__(*args, **kwargs)
         self.comm = comm
 
-    def batch_statistics(self, x, bshape):
-        xp = backend.get_array_module(x)
-        c = x.shape[1]
-        local = x.size // c
-        sums = self.comm.allreduce(xp.concatenate([_channel_sum(x),
-                                                   xp.asarray([local], dtype=x.dtype)]))
-        count = int(round(float(sums[c])))
-        mean = sums[:c] / count
-        centred = x - mean.reshape(bshape)
-        var = self.comm.allreduce(_contiguous(_channel_dot(centred, centred))) / count
+    def batch_statistics(self, x, bshape, fused):
+        # Every rank's batch has the same size (the global batch divides evenly), so the
+        # count is known on the host: no wait for the device.
+        count = x.size // x.shape[1] * self.comm.size
+        mean = self.comm.allreduce(_contiguous(_channel_sum(x))) / count
+        if fused:   # CuPy: the squared deviations in one reduction kernel, no centred copy
+            centred = None
+            squares = _reduce("channel_squared_deviation", x, mean.reshape(bshape))
+        else:
+            centred = x - mean.reshape(bshape)
+            squares = _channel_dot(centred, centred)
+        var = self.comm.allreduce(_contiguous(squares)) / count
         return mean, centred, var, count
 
     def statistics_gradient_sums(self, gbeta, ggamma):

@@ -458,3 +458,14 @@ def test_tensor_copies_and_as_tensor_shares():
     copied, shared = md.tensor(array), md.as_tensor(array)
     array[0] = 1.0
     assert copied.numpy()[0] == 0.0 and shared.numpy()[0] == 1.0
+
+
+def test_only_the_first_gpu_is_accepted():
+    """'cuda:1' used to run silently on GPU 0: any index but 0 is refused, on any machine,
+    with the way to pick another GPU."""
+    for name in ("cuda:1", "cuda:7", "cpu:0"):
+        with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+            md.backend.check_device(name)
+        with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+            md.tensor([1.0], device=name)
+    assert md.backend.check_device("cpu") == "cpu"

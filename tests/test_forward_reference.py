@@ -156,83 +156,133 @@ def test_concat_relu_against_torch(data):
              lambda a, b: torch.relu(torch.cat([a, b], dim=1)), [a, b])
 
 
-# -- the CuPy im2col / col2im kernels, run on the CPU -----------------------------------
-def _kernel_body_as_python(body, inputs, output):
-    """Translate a kernel body of ``backend._CUDA_KERNELS`` into a Python function
-    ``element(i, *inputs)`` returning the output element i.  The bodies use a small C
-    subset: ``int``/``T`` declarations, ``for`` loops, ``if (...) continue;``, one
-    ternary, and ``/`` and ``%`` on non-negative ints (where C and Python agree)."""
-    import re
-    code, depth = [f"def element(i, {', '.join(inputs)}):"], 1
-    for line in (raw.strip() for raw in body.strip().splitlines()):
-        if line == "}":
-            depth -= 1
-            continue
-        loop = re.fullmatch(r"for \(int (\w+) = (\w+); \1 < (\w+); \+\+\1\) \{", line)
-        if loop:
-            code.append("    " * depth + f"for {loop[1]} in range({loop[2]}, {loop[3]}):")
-            depth += 1
-            continue
-        line = re.sub(r"^(int|T) ", "", line.rstrip(";")).replace("(T)", "")
-        line = line.replace("/=", "//=").replace(" / ", " // ").replace("&&", "and").replace("||", "or")
-        line = re.sub(r"^if \((.*)\) continue$", r"if \1: continue", line)
-        ternary = re.fullmatch(r"(\w+) = (.*) \? (.*) : (.*)", line)
-        if ternary:
-            line = f"{ternary[1]} = ({ternary[3]}) if ({ternary[2]}) else ({ternary[4]})"
-        code.append("    " * depth + line)
-    code.append(f"    return {output}")
-    namespace = {}
-    exec("\n".join(code), namespace)
-    return namespace["element"]
-
-
-class _EmulatedElementwiseKernel:
-    """What ``cupy.ElementwiseKernel`` does with one of minidense's kernels: arguments bound
-    by position to the declared parameters (raw arrays as flat arrays, int32 scalars as
-    ints), then the body once for each element i of the output."""
-
-    def __init__(self, name):
-        in_params, out_params, body = md.backend._CUDA_KERNELS[name]
-        self.inputs = [p.split() for p in in_params.split(",")]
-        self.element = _kernel_body_as_python(body, [p[-1] for p in self.inputs], out_params.split()[-1])
-
-    def __call__(self, *args):
-        *inputs, out = args
-        assert len(inputs) == len(self.inputs)
-        bound = []
-        for declared, value in zip(self.inputs, inputs):
-            if declared[0] == "raw":
-                assert value.flags.c_contiguous  # raw arrays are indexed flat
-                bound.append(value.reshape(-1))
-            else:
-                assert declared[0] == "int32" and isinstance(value, int), (declared, value)
-                bound.append(value)
-        flat = out.reshape(-1)
-        for i in range(out.size):
-            flat[i] = self.element(i, *bound)
-        return out
-
-
-@given(case=conv_cases(max_batch=2, max_channels=2, max_side=6))
-def test_cuda_im2col_and_col2im_kernels_match_the_numpy_layout(case):
-    """The CuPy branch of im2col and col2im, with CuPy swapped for NumPy and each kernel
-    body run element by element, gives NumPy's (N, C, KH, KW, OH, OW) patches and their
-    adjoint; this checks the index arithmetic and the argument order of the calls."""
+# -- the CuPy im2col / col2im kernels, compiled as C++ and run on the CPU ---------------
+def _emulated_cupy(patch):
+    """Make the CuPy branches of minidense run on NumPy arrays with the kernels emulated."""
     from types import SimpleNamespace
     from minidense import backend
+    from cuda_emulation import EmulatedKernel
+    fake_cupy = SimpleNamespace(empty=np.empty, ascontiguousarray=np.ascontiguousarray,
+                                matmul=np.matmul)
+    patch.setattr(backend, "get_array_module", lambda array: fake_cupy)
+    patch.setattr(backend, "cuda_kernel", EmulatedKernel)
+
+
+@given(case=conv_cases(max_batch=2, max_channels=2, max_side=6), rows=st.booleans(),
+       pad_value=st.sampled_from([0.0, -np.inf]))
+def test_cuda_im2col_and_col2im_kernels_match_the_numpy_layout(case, rows, pad_value):
+    """The CuPy branch of im2col and col2im, with CuPy swapped for NumPy and each kernel
+    compiled with g++, gives NumPy's patches (both layouts) and their adjoint; this
+    checks the index arithmetic and the argument order of the calls."""
     from minidense.functions._utils import col2im, im2col
     kernel = case.w.shape[2:]
-    expected_col = im2col(case.x, kernel, case.stride, case.padding)
+    expected_col = im2col(case.x, kernel, case.stride, case.padding, pad_value, rows=rows)
     grad_col = np.random.default_rng(0).standard_normal(expected_col.shape)
-    expected_image = col2im(grad_col, case.x.shape, case.stride, case.padding)
-    fake_cupy = SimpleNamespace(empty=np.empty, ascontiguousarray=np.ascontiguousarray)
+    layout = kernel if rows else False
+    expected_image = col2im(grad_col, case.x.shape, case.stride, case.padding, rows=layout)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backend, "get_array_module", lambda array: fake_cupy)
-        patch.setattr(backend, "cuda_kernel", _EmulatedElementwiseKernel)
-        col = im2col(case.x, kernel, case.stride, case.padding)
-        image = col2im(grad_col, case.x.shape, case.stride, case.padding)
+        _emulated_cupy(patch)
+        col = im2col(case.x, kernel, case.stride, case.padding, pad_value, rows=rows)
+        image = col2im(grad_col, case.x.shape, case.stride, case.padding, rows=layout)
     np.testing.assert_array_equal(col, expected_col)
     np.testing.assert_allclose(image, expected_image, rtol=1e-12, atol=1e-12)
+
+
+def test_cuda_conv2d_gather_path_with_emulated_kernels():
+    """conv2d's CuPy path (2-D GEMMs on the (C*kh*kw, N*OH*OW) patch matrix), kernels
+    emulated, against the naive loops and NumPy's own backward."""
+    from minidense.functions.connection import Conv2d
+    rng = np.random.default_rng(5)
+    for x_shape, w_shape, stride, pad in (((2, 3, 6, 5), (4, 3, 3, 3), (2, 1), (1, 1)),
+                                          ((3, 4, 4, 4), (2, 4, 1, 1), (1, 1), (0, 0))):
+        x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+        gy = rng.standard_normal(naive_conv2d(x, w, None, stride, pad).shape)
+        reference = Conv2d(stride, pad)
+        reference.layout, reference.needs_input_grad, reference.saved = "grid", (True, True), (x, w)
+        expected_gx, expected_gw = reference.backward(gy)
+        with pytest.MonkeyPatch.context() as patch:
+            _emulated_cupy(patch)
+            op = Conv2d(stride, pad)
+            y = op.forward(x, w)
+            op.needs_input_grad = (True, True)
+            gx, gw = op.backward(gy)
+        np.testing.assert_allclose(y, naive_conv2d(x, w, None, stride, pad), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(gx, expected_gx, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(gw, expected_gw, rtol=1e-10, atol=1e-12)
+
+
+def _im2col_element(k, n, c, h, w, oh, ow, kh, kw, sy, sx, ph, pw):
+    """Element k of the rows-layout patch matrix of an input whose element j is
+    j % VIRTUAL_MODULUS, in Python integers (which do not overflow)."""
+    from cuda_emulation import VIRTUAL_MODULUS
+    k, ox = divmod(k, ow)
+    k, oy = divmod(k, oh)
+    k, image = divmod(k, n)
+    k, kx = divmod(k, kw)
+    channel, ky = divmod(k, kh)
+    y, x_ = oy * sy - ph + ky, ox * sx - pw + kx
+    if not (0 <= y < h and 0 <= x_ < w):
+        return 0.0
+    return float((((image * c + channel) * h + y) * w + x_) % VIRTUAL_MODULUS)
+
+
+def test_cuda_im2col_indexes_past_2_31_elements():
+    """A DenseNet-sized batch whose patch matrix has more than 2**31 elements: the
+    kernel variant chosen for it computes the right element indices (the last ones,
+    read from a virtual input), where 32-bit indices would wrap around."""
+    from minidense import backend
+    import cuda_emulation
+    n, c, h, w, kh, kw = 512, 456, 32, 32, 3, 3     # x: 2.4e8 elements, col: 2.2e9
+    geometry = (n, c, h, w, h, w, kh, kw, 1, 1, 1, 1)
+    size = c * kh * kw * n * h * w
+    assert size >= 2 ** 31
+    chosen = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backend, "cuda_kernel", lambda name: chosen.setdefault("name", name))
+        backend.index_kernel("im2col", n * c * h * w, size)
+    assert chosen["name"] == "im2col_i64"
+    start = size - 4096
+    expected = np.array([_im2col_element(k, *geometry) for k in range(start, size)])
+    out = np.empty(size - start)
+    cuda_emulation.run(chosen["name"], (np.empty(1), *geometry, True, 0.0, out), start=start, stop=size,
+                       virtual_raw=True)
+    np.testing.assert_array_equal(out, expected)
+    cuda_emulation.run("im2col_i32", (np.empty(1), *geometry, True, 0.0, out), start=start, stop=size,
+                       virtual_raw=True)
+    assert not np.array_equal(out, expected)  # what the test guards against
+
+
+def test_cuda_col2im_indexes_past_2_31_elements():
+    """The adjoint: the last pixels of a large batch gather the right patch entries."""
+    from minidense import backend
+    import cuda_emulation
+    from cuda_emulation import VIRTUAL_MODULUS
+    n, c, h, w, kh, kw = 512, 456, 32, 32, 3, 3
+    geometry = (n, c, h, w, h, w, kh, kw, 1, 1, 1, 1)
+    col_size = c * kh * kw * n * h * w
+    image_size = n * c * h * w
+    name = "col2im_i64"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backend, "cuda_kernel", lambda chosen: chosen)
+        assert backend.index_kernel("col2im", image_size, col_size) == name
+    start = image_size - 2048
+    out = np.empty(image_size - start)
+    cuda_emulation.run(name, (np.empty(1), *geometry, True, out), start=start, stop=image_size,
+                       virtual_raw=True)
+    expected = []
+    for k in range(start, image_size):
+        rest, x_ = divmod(k, w)
+        nc, y = divmod(rest, h)
+        image, channel = divmod(nc, c)
+        total = 0
+        for ky in range(kh):
+            for kx in range(kw):
+                oy, ox = y + 1 - ky, x_ + 1 - kx
+                if 0 <= oy < h and 0 <= ox < w:
+                    index = ((((channel * kh + ky) * kw + kx) * n + image) * h + oy) * w + ox
+                    total += index % VIRTUAL_MODULUS
+        expected.append(float(total))
+    np.testing.assert_array_equal(out, np.array(expected))
 
 
 @pytest.mark.parametrize("kernel", [(2, 2), (3, 3), (2, 3)])

@@ -8,7 +8,8 @@ and resumed in between, and a run can restart from any batch of an epoch.
 Augmentation works on a whole batch at once with the array module of the target
 device: the uint8 batch is copied to the device once, zero-padded, and cropped and
 mirrored with one fancy-indexing gather; normalisation then makes float32 NCHW.
-A background thread prepares the next batch while the current one trains.
+A background thread prepares the next batch while the current one trains (on the
+GPU, only the host part of it: see ``DataLoader.iterate``).
 """
 from __future__ import annotations
 
@@ -100,6 +101,14 @@ class DataLoader:
         if drop_last and len(dataset) < batch_size:
             raise ValueError(f"DataLoader: drop_last with batch_size {batch_size} leaves no batch "
                              f"of a data set of {len(dataset)} images")
+        classes = getattr(dataset, "classes", None)
+        if classes is not None and len(dataset) and not (
+                0 <= dataset.labels.min() and dataset.labels.max() < len(classes)):
+            # Checked once here, on the host, so that cross_entropy on the GPU need not
+            # sync to check every batch's labels.
+            raise ValueError(f"DataLoader: labels must be in [0, {len(classes)}) for the "
+                             f"{len(classes)} classes of {getattr(dataset, 'name', 'the data set')}, "
+                             f"got {dataset.labels.min()}..{dataset.labels.max()}")
         channels = dataset.images.shape[-1]
         self.dataset, self.batch_size = dataset, batch_size
         self.shuffle, self.drop_last, self.augment, self.pad = shuffle, drop_last, augment, pad
@@ -144,16 +153,47 @@ class DataLoader:
 
     def make_batch(self, plan, index: int):
         """Batch ``index`` of an epoch's ``plan``, as (images, labels) Tensors on the device."""
-        order, labels, offsets, flips = plan
+        return self._on_device(plan, index, self._gather(plan, index))
+
+    def _gather(self, plan, index: int):
+        """The host part of a batch: its uint8 images, gathered from the data set."""
+        order = plan[0]
+        return self.dataset.images[order[self.batch_slice(index)]]
+
+    def _on_device(self, plan, index: int, images):
+        """The device part: copy, augment, normalise."""
+        _, labels, offsets, flips = plan
         picked = self.batch_slice(index)
-        images = self.xp.asarray(self.dataset.images[order[picked]])   # the one copy per batch
+        images = self.xp.asarray(images)   # the one copy per batch
+        if backend.device_of(images) == "cuda":  # one fused kernel (backend._AUGMENT_BODY)
+            xp = self.xp
+            n, h, w, c = images.shape
+            out = xp.empty((n, c, h, w), dtype=self.dtype)
+            scale, shift = self.normalization
+            if self.augment:
+                offsets, flips = xp.ascontiguousarray(offsets[picked]), xp.ascontiguousarray(flips[picked])
+            else:  # unread, but of the declared types
+                offsets, flips = xp.zeros((1, 2), dtype=np.int64), xp.zeros(1, dtype=np.bool_)
+            backend.cuda_kernel("augment")(xp.ascontiguousarray(images), offsets, flips, scale, shift,
+                                           h, w, c, self.pad, self.augment, out)
+            return Tensor(out), Tensor(labels[picked])
         if self.augment:
             images = random_crop_flip(images, offsets[picked], flips[picked], self.pad)
         images = normalize(images, *self.normalization, self.dtype)
         return Tensor(images), Tensor(labels[picked])
 
     def iterate(self, epoch: int, start: int = 0):
-        """The batches of ``epoch``, from batch ``start`` on."""
+        """The batches of ``epoch``, from batch ``start`` on.
+
+        With ``prefetch``, a background thread prepares batches ahead.  On the CPU it
+        makes whole batches.  On the GPU it only gathers the images on the host, and
+        the copy, augmentation and normalisation are queued from this (the training)
+        thread: on the training thread's stream they are ordered before the step that
+        reads them, and a batch's memory cannot be reused by another stream while the
+        step still reads it (CuPy's pool hands a freed block back to the stream that
+        allocated it), which a loader thread with its own stream (CuPy's per-thread
+        default streams) would allow.  The device work is asynchronous anyway; the
+        host work is what the thread overlaps."""
         plan = self.plan(epoch)
         indices = [i for i in range(start, len(self)) if self.shard is None or
                    self.batch_slice(i).stop > self.batch_slice(i).start]
@@ -161,6 +201,8 @@ class DataLoader:
             for index in indices:
                 yield self.make_batch(plan, index)
             return
+        on_host_only = self.device != "cpu"
+        prepare = self._gather if on_host_only else self.make_batch
         ready = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
@@ -176,7 +218,7 @@ class DataLoader:
         def produce():
             try:
                 for index in indices:
-                    if not put(self.make_batch(plan, index)):
+                    if not put((index, prepare(plan, index))):
                         return
                 put(_END)
             except BaseException as error:  # hand it to the training thread
@@ -191,7 +233,8 @@ class DataLoader:
                     return
                 if isinstance(item, _Failure):
                     raise item.error
-                yield item
+                index, batch = item
+                yield self._on_device(plan, index, batch) if on_host_only else batch
         finally:
             stop.set()
             worker.join()

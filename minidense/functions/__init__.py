@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from .. import backend
-from ..autograd import Tensor
+from ..autograd import Tensor, _check_same_device
 from .activation import relu, sigmoid, tanh
 from .array import concat, flatten, getitem, reshape, to_device_and_dtype, transpose
 from .connection import conv2d, linear
 from .loss import cross_entropy, log_softmax_array
 from .math import add, div, exp, log, matmul, max, mean, mul, neg, pow, sqrt, sub, sum
 from .noise import dropout
-from .normalization import batch_norm
+from .normalization import batch_norm, batch_norm_relu
 from .pooling import avg_pool2d, global_avg_pool2d, max_pool2d
 
 
@@ -20,7 +20,11 @@ def _reflected(fn):
 
 def _compare(op):
     def method(self, other):
-        other = other.data if isinstance(other, Tensor) else other
+        if isinstance(other, Tensor):
+            _check_same_device(op.__name__, [self, other])
+            other = other.data
+        elif backend.is_array(other):  # a NumPy array against a CUDA tensor: CuPy won't mix them
+            other = backend.to_device(other, self.device)
         return Tensor(op(self.data, other))
     return method
 
@@ -58,5 +62,5 @@ __all__ = [
     "relu", "sigmoid", "tanh", "concat", "flatten", "getitem", "reshape", "transpose",
     "to_device_and_dtype", "conv2d", "linear", "cross_entropy", "log_softmax_array", "add", "div",
     "exp", "log", "matmul", "max", "mean", "mul", "neg", "pow", "sqrt", "sub", "sum", "dropout",
-    "batch_norm", "avg_pool2d", "global_avg_pool2d", "max_pool2d", "backend",
+    "batch_norm", "batch_norm_relu", "avg_pool2d", "global_avg_pool2d", "max_pool2d", "backend",
 ]

@@ -41,40 +41,56 @@ def output_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def im2col(x, kernel, stride, pad, pad_value=0.0, writable=True):
+def im2col(x, kernel, stride, pad, pad_value=0.0, writable=True, rows=False):
     """Patches of ``x`` (N, C, H, W) as an array of shape (N, C, KH, KW, OH, OW).
 
-    ``col[n, c, ky, kx, oy, ox] = x_padded[n, c, oy*SY + ky, ox*SX + kx]``.  On NumPy a
-    strided view of the padded input is taken and, if ``writable``, copied once; on
-    CuPy one gather kernel writes it.
+    ``col[n, c, ky, kx, oy, ox] = x_padded[n, c, oy*SY + ky, ox*SX + kx]``.  With
+    ``rows`` the patches come as the (C*KH*KW, N*OH*OW) matrix of a convolution
+    instead (axes ordered C, KH, KW, N, OH, OW), so that it takes 2-D matrix products
+    only.  On NumPy a strided view of the padded input is taken and, if ``writable``
+    or ``rows``, copied once; on CuPy one gather kernel writes it (whatever
+    ``pad_value``, so max pooling's -inf padding needs no padded copy there).
     """
     (kh, kw), (sy, sx), (ph, pw) = kernel, stride, pad
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, sy, ph), output_size(w, kw, sx, pw)
     xp = backend.get_array_module(x)
-    if xp is not np and pad_value == 0:
-        col = xp.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
-        backend.cuda_kernel("im2col")(xp.ascontiguousarray(x), h, w, oh, ow, kh, kw, sy, sx, ph, pw, col)
-        return col
+    if xp is not np:
+        shape = (c, kh, kw, n, oh, ow) if rows else (n, c, kh, kw, oh, ow)
+        col = xp.empty(shape, dtype=x.dtype)
+        backend.index_kernel("im2col", x.size, col.size)(
+            xp.ascontiguousarray(x), n, c, h, w, oh, ow, kh, kw, sy, sx, ph, pw, rows, pad_value, col)
+        return col.reshape(c * kh * kw, n * oh * ow) if rows else col
     if ph or pw:
         x = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
     s0, s1, s2, s3 = x.strides
     view = xp.lib.stride_tricks.as_strided(
         x, (n, c, kh, kw, oh, ow), (s0, s1, s2, s3, s2 * sy, s3 * sx))
+    if rows:
+        return view.transpose(1, 2, 3, 0, 4, 5).reshape(c * kh * kw, n * oh * ow)  # a copy
     return view.copy() if writable else view
 
 
-def col2im(col, image_shape, stride, pad):
-    """The adjoint of ``im2col``: sums every patch back onto the image (N, C, H, W)."""
-    n, c, kh, kw, oh, ow = col.shape
+def col2im(col, image_shape, stride, pad, rows=False):
+    """The adjoint of ``im2col``: sums every patch back onto the image (N, C, H, W).
+    ``col`` is (N, C, KH, KW, OH, OW), or with ``rows`` the (C*KH*KW, N*OH*OW) matrix
+    of ``im2col(..., rows=True)`` given with its kernel as ``(KH, KW)`` in ``rows``."""
     (sy, sx), (ph, pw) = stride, pad
-    h, w = image_shape[2], image_shape[3]
+    n, c, h, w = image_shape
+    if rows:
+        kh, kw = rows
+        oh, ow = output_size(h, kh, sy, ph), output_size(w, kw, sx, pw)
+        col = col.reshape(c, kh, kw, n, oh, ow)
+    else:
+        n, c, kh, kw, oh, ow = col.shape
     xp = backend.get_array_module(col)
     if xp is not np:
         x = xp.empty((n, c, h, w), dtype=col.dtype)
-        backend.cuda_kernel("col2im")(xp.ascontiguousarray(col), h, w, oh, ow, kh, kw,
-                                      sy, sx, ph, pw, x)
+        backend.index_kernel("col2im", x.size, col.size)(
+            xp.ascontiguousarray(col), n, c, h, w, oh, ow, kh, kw, sy, sx, ph, pw, bool(rows), x)
         return x
+    if rows:
+        col = col.transpose(3, 0, 1, 2, 4, 5)
     # One strided add per kernel offset: vectorised over images and pixels.
     padded = xp.zeros((n, c, h + 2 * ph + sy - 1, w + 2 * pw + sx - 1), dtype=col.dtype)
     for ky in range(kh):

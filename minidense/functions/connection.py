@@ -42,9 +42,11 @@ class Conv2d(Function):
     The expanded matrices and grids are temporaries in ``scratch`` buffers, reused
     from call to call instead of being freshly mapped (and zeroed) by the OS.
 
-    1x1 convolutions with stride 1 and no padding need no patches at all: one
-    batched product per image.  On CuPy, im2col and col2im are the gather kernels
-    of ``backend`` and the product is batched over images.
+    On NumPy, 1x1 convolutions with stride 1 and no padding need no patches at all:
+    one batched product per image.  On CuPy (the "gather" layout, chosen per backend
+    in ``_on_grid``), im2col and col2im are the gather kernels of ``backend`` writing
+    a (C*kh*kw, N*OH*OW) patch matrix, 1x1 convolutions included (their im2col is a
+    transpose), and every product is one 2-D GEMM.
     """
 
     # None chooses as described above; set on an instance to force a path (tests do,
@@ -77,12 +79,12 @@ class Conv2d(Function):
                              f"an input of shape {tuple(x.shape)}")
         self.save_for_backward(x, w)
         xp = backend.get_array_module(x)
-        if (kh, kw, sy, sx, ph, pw) == (1, 1, 1, 1, 0, 0):
-            y = xp.matmul(w.reshape(o, c), x.reshape(n, c, h * wd)).reshape(n, o, h, wd)
-        elif self._on_grid(xp):
-            y = self._forward_on_grid(x, w)
-        else:
+        if not self._on_grid(xp):
             y = self._forward_gather(x, w)
+        elif (kh, kw, sy, sx, ph, pw) == (1, 1, 1, 1, 0, 0):
+            y = xp.matmul(w.reshape(o, c), x.reshape(n, c, h * wd)).reshape(n, o, h, wd)
+        else:
+            y = self._forward_on_grid(x, w)
         if b is not None:
             y += b.reshape(1, o, 1, 1)
         return y
@@ -92,12 +94,12 @@ class Conv2d(Function):
         want_gx, want_gw = self.needs_input_grad[:2]
         kh, kw = w.shape[2:]
         xp = backend.get_array_module(gy)
-        if (kh, kw) + self.stride + self.padding == (1, 1, 1, 1, 0, 0):
-            gx, gw = self._backward_pointwise(x, w, gy, want_gx, want_gw)
-        elif self._on_grid(xp):
-            gx, gw = self._backward_on_grid(x, w, gy, want_gx, want_gw)
-        else:
+        if not self._on_grid(xp):
             gx, gw = self._backward_gather(x, w, gy, want_gx, want_gw)
+        elif (kh, kw) + self.stride + self.padding == (1, 1, 1, 1, 0, 0):
+            gx, gw = self._backward_pointwise(x, w, gy, want_gx, want_gw)
+        else:
+            gx, gw = self._backward_on_grid(x, w, gy, want_gx, want_gw)
         if len(self.needs_input_grad) == 2:
             return gx, gw
         gb = gy.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None
@@ -195,33 +197,33 @@ class Conv2d(Function):
         return gx, gw
 
     # -- CuPy: im2col and col2im gather kernels -------------------------------------
-    def _columns(self, x, kh, kw):
-        n, c = x.shape[:2]
-        return im2col(x, (kh, kw), self.stride, self.padding).reshape(n, c * kh * kw, -1)
-
+    # The patch matrix is (C*kh*kw, N*OH*OW), so that forward and both gradients are
+    # single 2-D GEMMs: cuBLAS takes the transposes (W^T, patches^T) as flags, with no
+    # copy, where batched products per image would copy patches^T and take the
+    # pointer-array batched GEMM for the broadcast weights.
     def _forward_gather(self, x, w):
         xp = backend.get_array_module(x)
         n = x.shape[0]
         o, c, kh, kw = w.shape
         oh, ow = (output_size(s, k, st, p) for s, k, st, p in
                   zip(x.shape[2:], (kh, kw), self.stride, self.padding))
-        y = xp.matmul(w.reshape(o, -1), self._columns(x, kh, kw))     # (N, O, OH*OW)
-        return y.reshape(n, o, oh, ow)
+        cols = im2col(x, (kh, kw), self.stride, self.padding, rows=True)
+        y = xp.matmul(w.reshape(o, -1), cols)                             # (O, N*OH*OW)
+        return xp.ascontiguousarray(y.reshape(o, n, oh, ow).transpose(1, 0, 2, 3))
 
     def _backward_gather(self, x, w, gy, want_gx, want_gw):
         xp = backend.get_array_module(gy)
         n, o, oh, ow = gy.shape
         kh, kw = w.shape[2:]
-        gy_mat = gy.reshape(n, o, oh * ow)
+        gy_mat = xp.ascontiguousarray(gy.transpose(1, 0, 2, 3)).reshape(o, n * oh * ow)
         gx = gw = None
         if want_gw:
-            cols = self._columns(x, kh, kw)
-            gw = xp.matmul(gy_mat, cols.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape)
+            cols = im2col(x, (kh, kw), self.stride, self.padding, rows=True)
+            gw = xp.matmul(gy_mat, cols.T).reshape(w.shape)
             del cols
         if want_gx:
-            gcols = xp.matmul(w.reshape(o, -1).T, gy_mat)              # (N, C*kh*kw, OH*OW)
-            gcols = gcols.reshape(n, x.shape[1], kh, kw, oh, ow)
-            gx = col2im(gcols, x.shape, self.stride, self.padding)
+            gcols = xp.matmul(w.reshape(o, -1).T, gy_mat)                  # (C*kh*kw, N*OH*OW)
+            gx = col2im(gcols, x.shape, self.stride, self.padding, rows=(kh, kw))
         return gx, gw
 
 

@@ -26,16 +26,25 @@ class CrossEntropy(Function):
             raise TypeError(f"cross_entropy: labels must be integers, got dtype {labels.dtype}")
         xp = backend.get_array_module(logits)
         k = logits.shape[1]
-        # The one host read of a forward pass (a single bool, a sync on CuPy), on purpose:
-        # CuPy's fancy indexing wraps an out-of-range label around instead of raising,
-        # so without it a bad label would silently train on the wrong class.
-        if labels.size and bool(((labels < 0) | (labels >= k)).any()):
-            bad = backend.to_numpy(labels[(labels < 0) | (labels >= k)])[:5]
-            raise ValueError(f"cross_entropy: labels must be in [0, {k}) for {k} classes, "
-                             f"got {bad.tolist()}")
+        # CuPy's fancy indexing wraps an out-of-range label around instead of raising, so
+        # without a check a bad label would silently train on the wrong class.  Host
+        # labels are checked here and raise; device labels are checked on the device,
+        # without the host sync a raise would need: a bad label makes the loss and the
+        # gradient NaN (labels are best checked once on the host, as DataLoader does).
+        bad = (labels < 0) | (labels >= k)
+        self.poison = None
+        if backend.device_of(labels) == "cpu":
+            if labels.size and bool(bad.any()):
+                raise ValueError(f"cross_entropy: labels must be in [0, {k}) for {k} classes, "
+                                 f"got {labels[bad][:5].tolist()}")
+        else:
+            self.poison = xp.where(bad.any(), xp.nan, 0).astype(logits.dtype)  # 0-d, on the device
+            labels = labels.clip(0, k - 1)
         log_p = log_softmax_array(logits)
         rows = xp.arange(labels.shape[0])
         loss = -log_p[rows, labels].mean()
+        if self.poison is not None:
+            loss = loss + self.poison
         self.save_for_backward(xp.exp(log_p), labels)
         return xp.asarray(loss, dtype=logits.dtype)
 
@@ -45,7 +54,8 @@ class CrossEntropy(Function):
         n = probs.shape[0]
         g = probs.copy()
         g[xp.arange(n), labels] -= 1
-        return g * (gy / n), None
+        scale = gy / n if self.poison is None else gy / n + self.poison
+        return g * scale, None
 
 
 def cross_entropy(logits, labels):

@@ -187,7 +187,8 @@ class Max(Function):
         self.axes = _normalise_axis(self.axis, x.ndim, "max")
         y = x.max(axis=self.axes, keepdims=True)
         mask = x == y
-        self.save_for_backward(mask, mask.sum(axis=self.axes, keepdims=True))
+        # The tie count in x's dtype: an int64 count would turn the gradient into float64.
+        self.save_for_backward(mask, mask.sum(axis=self.axes, keepdims=True, dtype=x.dtype))
         return y if self.keepdims else y.squeeze(self.axes)
 
     def backward(self, gy):

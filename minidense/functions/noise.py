@@ -15,8 +15,11 @@ class Dropout(Function):
         self.p, self.generator = p, generator
 
     def forward(self, x):
-        gen = self.generator or backend.generator(backend.device_of(x))
-        keep = gen.random(x.shape, dtype=x.dtype) >= self.p
+        device = backend.device_of(x)
+        gen = self.generator or backend.generator(device)
+        # A generator of the other device (a NumPy one for a CUDA tensor) still works:
+        # its draws are moved, once, to the tensor's device.
+        keep = backend.to_device(gen.random(x.shape, dtype=x.dtype), device) >= self.p
         mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
         self.save_for_backward(mask)
         return x * mask
@@ -28,8 +31,8 @@ class Dropout(Function):
 
 def dropout(x, p=0.5, training=True, generator=None):
     """Inverted dropout; the identity when not training or when p == 0.
-    ``generator``: a NumPy/CuPy Generator; by default minidense's seeded one
-    (``md.manual_seed``)."""
+    ``generator``: a NumPy/CuPy Generator (on either device); by default minidense's
+    seeded one for the tensor's device (``md.manual_seed``)."""
     if not training or p == 0:
         return x
     return Dropout(p, generator)(x)

@@ -84,14 +84,18 @@ class MaxPool2d(_Pool2d):
         n, c = x.shape[:2]
         kh, kw = self.kernel
         if self.tiles:
-            windows = self._tiled(x).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, kh * kw)
-            index = windows.argmax(axis=4)
-            y = xp.take_along_axis(windows, index[..., None], axis=4)[..., 0]
+            windows, axis = self._tiled(x).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, kh * kw), 4
         else:
-            col = im2col(x, self.kernel, self.stride, self.padding, pad_value=-np.inf,
-                         writable=False).reshape(n, c, kh * kw, oh, ow)
-            index = col.argmax(axis=2)
-            y = xp.take_along_axis(col, index[:, :, None], axis=2)[:, :, 0]
+            windows, axis = im2col(x, self.kernel, self.stride, self.padding, pad_value=-np.inf,
+                                   writable=False).reshape(n, c, kh * kw, oh, ow), 2
+        index = windows.argmax(axis=axis)
+        # The maxima: on NumPy gathered at the argmax (take_along_axis is a cheap gather
+        # there); on CuPy a second reduction, which beats take_along_axis's fancy-index
+        # arrays (chosen per backend here).
+        if xp is np:
+            y = np.take_along_axis(windows, np.expand_dims(index, axis), axis=axis).squeeze(axis)
+        else:
+            y = windows.max(axis=axis)
         self.save_for_backward(index.astype(np.int16 if kh * kw < 2 ** 15 else np.int64))
         return y
 
