@@ -107,8 +107,12 @@ class TrainingRun:
         self.comm = comm = comm or distributed.SingleProcess()
         self.log = log = log if comm.is_main else (lambda *args, **kwargs: None)
         self.device = choose_device(settings["device"], log)
-        if comm.size > 1 and self.device == "cuda":
-            backend.use_gpu(comm.local_rank)
+        if self.device == "cuda":
+            if comm.size > 1:
+                backend.use_gpu(comm.local_rank)
+            # TF32 tensor cores for float32 GEMMs, as PyTorch allows for convolutions by
+            # default; the library's default stays off so that tests keep their tolerances.
+            backend.set_tf32(True)
         settings["world_size"] = comm.size
         # Rank 0 decodes (and caches) the images first; the others then read its cache.
         if not comm.is_main:
