@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .. import backend
 from ..autograd import Function, Tensor
+from ..recompute import is_recomputing
 
 
 class BatchNorm(Function):
@@ -38,11 +39,13 @@ class BatchNorm(Function):
             mean = _channel_sum(x) / count
             centred = x - mean.reshape(bshape)
             var = _channel_dot(centred, centred) / count
-            if self.running_mean is not None:
+            # md.recompute runs this forward a second time in backward: update once.
+            update = not is_recomputing()
+            if update and self.running_mean is not None:
                 m = self.momentum
                 self.running_mean *= 1 - m
                 self.running_mean += m * mean
-            if self.running_var is not None:
+            if update and self.running_var is not None:
                 self.running_var *= 1 - self.momentum
                 self.running_var += self.momentum * var * (count / (count - 1))
         else:
