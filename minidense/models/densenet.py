@@ -17,9 +17,9 @@ keep their own copy of the concatenation [x_0, ..., x_{l-1}].  Two things fix it
 * shared block storage (both modes): each layer writes its k channels into its slice of
   one array per block, and layer l's input is a view of the first channels of that array,
   so the concatenation is never copied (``DenseBlock.forward``, ``StorageView``);
-* recomputation (``memory_efficient=True``): the concat-BN-ReLU-Conv segment of each
-  layer keeps nothing for backward but its input, that view, and is run again when the
-  backward pass reaches it (``DenseLayer.forward``, ``md.recompute``).  The feature
+* recomputation (``memory_efficient=True``): the concat-BN-ReLU-Conv(-BN-ReLU) segment
+  of each layer keeps nothing for backward but its input, that view, and is run again
+  when the backward pass reaches it (``DenseLayer.forward``, ``md.recompute``).  The feature
   maps kept then grow linearly with depth.
 
 Transitions between blocks: BN-ReLU-Conv(1x1)-AvgPool(2x2).  Classifier:
@@ -59,8 +59,9 @@ def composite(in_channels, out_channels, kernel_size, drop_rate, index=""):
 class DenseLayer(nn.Sequential):
     """H_l: [BN-ReLU-Conv(1x1, 4k)]-BN-ReLU-Conv(3x3, k); the bracket is the bottleneck.
 
-    ``memory_efficient``: the first BN-ReLU-Conv (with its dropout), the one that reads
-    the wide concatenation, is recomputed in backward instead of kept."""
+    ``memory_efficient``: the part before the last convolution, the first BN-ReLU-Conv
+    (which reads the wide concatenation) and, in -B, the BN-ReLU after it, is recomputed
+    in backward instead of kept: only the 4k channels the 3x3 conv reads stay."""
 
     def __init__(self, in_channels, growth_rate, bottleneck, drop_rate=0.0, memory_efficient=False):
         first = composite(in_channels, 4 * growth_rate if bottleneck else growth_rate,
@@ -69,10 +70,13 @@ class DenseLayer(nn.Sequential):
         super().__init__(OrderedDict(first + rest))
         self.in_channels, self.growth_rate = in_channels, growth_rate
         self.memory_efficient, self.drop_rate = memory_efficient, drop_rate
-        self.num_recomputed = len(first)   # the modules of the recomputed segment
+        # The recomputed segment: everything before the last convolution.  Cutting right
+        # after conv1 (torchvision's segment) would keep BN2's x_hat besides ReLU2's output:
+        # 8k channels per layer instead of 4k, for little compute (BN-ReLU on 4k channels).
+        self.num_recomputed = len(first) + (2 if bottleneck else 0)
 
     def segment(self, x):
-        """concat-BN-ReLU-Conv (and dropout): the part that reads all earlier features."""
+        """BN-ReLU-Conv (with dropout) on the concatenation, and BN-ReLU in -B."""
         for m in list(self._modules.values())[:self.num_recomputed]:
             x = m(x)
         return x
@@ -80,8 +84,9 @@ class DenseLayer(nn.Sequential):
     def forward(self, x):
         modules = list(self._modules.values())
         if self.memory_efficient:
-            # THE MEMORY SAVING: BN's x_hat and ReLU's output (each as wide as the
-            # concatenation) are not kept; only x, a view of the block storage, is.
+            # THE MEMORY SAVING: BN1's x_hat and ReLU1's output (each as wide as the
+            # concatenation) and BN2's x_hat are not kept; only x, a view of the block
+            # storage, is, and the segment's output that the last conv keeps.
             params = [p for m in modules[:self.num_recomputed] for p in m.parameters()]
             x = recompute(self.segment, x, params=params,
                           preserve_rng_state=self.training and self.drop_rate > 0)
