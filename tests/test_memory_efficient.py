@@ -15,14 +15,14 @@ from minidense.recompute import is_recomputing
 RTOL = 1e-12
 
 
-def one_step(memory_efficient, seed=0, size=8, **config):
+def one_step(memory_efficient, seed=0, size=8, device="cpu", **config):
     """Logits, input gradient, parameter gradients and state (running statistics) after one
     float64 training step of a freshly built DenseNet; dropout draws from md's generator."""
     md.manual_seed(seed)
     builder = config.pop("builder", models.densenet_cifar)
-    model = builder(memory_efficient=memory_efficient, **config).double()
+    model = builder(memory_efficient=memory_efficient, **config).double().to(device)
     x = md.tensor(np.random.default_rng(seed + 1).standard_normal((2, 3, size, size)),
-                  requires_grad=True)
+                  device=device, requires_grad=True)
     md.manual_seed(seed + 2)   # the step's dropout masks, as the trainer seeds them
     logits = model(x)
     (logits * logits).sum().backward()
@@ -54,6 +54,12 @@ def test_memory_efficient_step_equals_the_ordinary_one(config):
     assert_same_step(ordinary, efficient)
     # Not vacuous: the running statistics moved, and dropout (where there is any) zeroed something.
     assert not np.allclose(ordinary[3]["block1.layer1.norm1.running_mean"], 0)
+
+
+def test_memory_efficient_step_equals_the_ordinary_one_on_the_test_device(device):
+    # On CuPy: the block storage, the recomputation and the replayed dropout generator.
+    config = dict(depth=10, growth_rate=4, bottleneck=True, compression=0.5, drop_rate=0.2)
+    assert_same_step(one_step(False, device=device, **config), one_step(True, device=device, **config))
 
 
 def test_memory_efficient_densenet_bc100_batch2_equals_the_ordinary_one():
