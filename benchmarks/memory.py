@@ -180,6 +180,16 @@ def child(config):
         now, peak = resident_kib()
         result.update(rss_before_build_mib=before / 1024, rss_peak_mib=peak / 1024,
                       peak_mib=(peak - before) / 1024)
+        if config.get("tracemalloc") and framework == "minidense":
+            # One more step under tracemalloc, which sees NumPy's allocations exactly (not
+            # torch's): the most bytes allocated at once during the step, over those held
+            # before it (parameters, momentum).  Free of the C allocator's fragmentation.
+            import tracemalloc
+            tracemalloc.start()
+            held = tracemalloc.get_traced_memory()[0]
+            step()
+            result["traced_step_peak_mib"] = (tracemalloc.get_traced_memory()[1] - held) / 2**20
+            tracemalloc.stop()
     elif framework == "minidense":
         result.update(peak_mib=(counter.peak - allocated_before) / 2**20)
     else:
@@ -217,6 +227,8 @@ def main(argv=None):
                         help="also DenseNet-BC-250 (k=24), memory-efficient mode, one round")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="skip what is left once the run has taken this long")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="minidense: one more step per process under tracemalloc, its peak traced bytes")
     parser.add_argument("--limit-gib", type=float, default=16,
                         help="address-space limit of each CPU process (default 16): a configuration "
                              "that needs more fails with MemoryError, noted in the JSON")
@@ -235,7 +247,8 @@ def main(argv=None):
     machine = machine_description(args.device, blas)
     frameworks = ["minidense"] + (["torch"] if use_torch else [])
     base = {"device": args.device, "batch_size": args.batch_size, "growth_rate": args.growth_rate,
-            "steps": args.steps, "threads": blas["threads"], "limit_gib": args.limit_gib}
+            "steps": args.steps, "threads": blas["threads"], "limit_gib": args.limit_gib,
+            "tracemalloc": args.tracemalloc}
     configs = [dict(base, framework=f, mode=m, depth=d)
                for d in (int(d) for d in args.depths.split(",")) for f in frameworks for m in MODES[f]]
     extra = ([dict(base, framework="minidense", mode="memory_efficient", depth=250, growth_rate=24)]
@@ -271,6 +284,8 @@ def main(argv=None):
             entry.update(peak_mib=max(r["peak_mib"] for r in done),
                          step_ms_median=statistics.median(timed), step_ms_timed=timed,
                          step_cpu_ms_median=statistics.median(timed_cpu))
+            if "traced_step_peak_mib" in done[0]:
+                entry["traced_step_peak_mib"] = max(r["traced_step_peak_mib"] for r in done)
         results.append(entry)
 
     def find(framework, mode, depth, k=args.growth_rate):
@@ -294,7 +309,8 @@ def main(argv=None):
         r["cpu_time_ratio_to_ordinary"] = float(cpu_ratio) if ordinary else None
         print(f"BC-{r['depth']} k={r['growth_rate']:<3} {r['framework']:<10} {r['mode']:<17} "
               f"{r['peak_mib']:9.0f} {memory_ratio:>10} {r['step_ms_median']:8.0f} {time_ratio:>10} "
-              f"{r['step_cpu_ms_median']:8.0f} {cpu_ratio:>10}")
+              f"{r['step_cpu_ms_median']:8.0f} {cpu_ratio:>10}"
+              + (f"   traced {r['traced_step_peak_mib']:.0f} MiB" if "traced_step_peak_mib" in r else ""))
 
     # Growth per added layer (a depth step of 6 adds one bottleneck layer to each of the 3 blocks,
     # i.e. 3 layers): between consecutive depths, (peak difference) / (layers added).
@@ -302,17 +318,19 @@ def main(argv=None):
     depths = sorted({c["depth"] for c in configs})
     for framework in frameworks:
         for mode in MODES[framework]:
-            steps = []
-            for a, b in zip(depths, depths[1:]):
-                ra, rb = find(framework, mode, a), find(framework, mode, b)
-                if ra and rb:
-                    steps.append({"from": a, "to": b,
-                                  "mib_per_layer": (rb["peak_mib"] - ra["peak_mib"]) / ((b - a) // 2)})
-            growth[f"{framework} {mode}"] = steps
+            for measure in ("peak_mib", "traced_step_peak_mib"):
+                steps = []
+                for a, b in zip(depths, depths[1:]):
+                    ra, rb = find(framework, mode, a), find(framework, mode, b)
+                    if ra and rb and measure in ra and measure in rb:
+                        steps.append({"from": a, "to": b,
+                                      "mib_per_layer": (rb[measure] - ra[measure]) / ((b - a) // 2)})
+                if steps:
+                    growth[f"{framework} {mode}" + (" (tracemalloc)" if measure != "peak_mib" else "")] = steps
     if any(growth.values()):
-        print("\ngrowth of the peak per added dense layer (MiB; (L - 4) / 2 layers in all):")
+        print("\ngrowth of the peak per added dense layer (MiB; DenseNet-BC has (L - 4) / 2 layers):")
         for key, steps in growth.items():
-            print(f"  {key:<28} " + ", ".join(f"{s['from']}->{s['to']}: {s['mib_per_layer']:.1f}" for s in steps))
+            print(f"  {key:<42} " + ", ".join(f"{s['from']}->{s['to']}: {s['mib_per_layer']:.1f}" for s in steps))
     for s in skipped:
         print(f"skipped: {label(s)} round {s['round'] + 1} ({s['reason']})")
 
