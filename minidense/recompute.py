@@ -65,21 +65,37 @@ class Recompute(Function):
         return y.data
 
     def backward(self, gy):
-        inputs = [Tensor(a, requires_grad=need)
-                  for a, need in zip(self.saved, self.needs_input_grad)]
+        sinks = [_GradSink() if need else None for need in self.needs_input_grad[:self.num_inputs]]
         rng = backend.replay_rng(self.device, self.rng) if self.rng is not None else contextlib.nullcontext()
         with enable_grad(), _recomputation(), rng:
+            inputs = [sink(Tensor(a, requires_grad=True)) if sink else Tensor(a)
+                      for a, sink in zip(self.saved, sinks)]
             y = self.fn(*inputs)
         if y.requires_grad:
             # A backward pass of its own over fn's small graph (one level deep, not a
             # recursion over the model); parameter gradients land in their .grad.
             y.backward(gy)
-        grads = tuple(t.grad.data if t.grad is not None else None for t in inputs)
+        grads = tuple(sink.grad if sink else None for sink in sinks)
         return grads + (None,) * (len(self.needs_input_grad) - self.num_inputs)
 
     def release(self):
         super().release()
         self.fn = self.rng = None   # the closure may hold modules; the snapshot is not small
+
+
+class _GradSink(Function):
+    """The identity, whose backward keeps the gradient it receives and passes nothing
+    on: how Recompute collects its inputs' gradients without copying them into a leaf's
+    .grad (a copy as large as the input, at the moment of the step's peak memory)."""
+
+    grad = None
+
+    def forward(self, x):
+        return x
+
+    def backward(self, gy):
+        self.grad = gy
+        return None
 
 
 def recompute(fn, *inputs, params=None, preserve_rng_state=True):
