@@ -106,6 +106,8 @@ def recompute(fn, *inputs, params=None, preserve_rng_state=True):
     draws in the recomputation (needed when ``fn`` has dropout).  Without grad mode, or
     when nothing needs a gradient, this is just ``fn(*inputs)``.
     """
+    if not inputs:
+        raise ValueError("recompute: needs at least one input tensor (the node keeps its inputs)")
     if params is None:
         params = list(fn.parameters()) if hasattr(fn, "parameters") else []
     params = [p for p in params if p.requires_grad]

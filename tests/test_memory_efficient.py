@@ -130,6 +130,8 @@ def test_recompute_records_the_node_for_parameters_alone_and_is_plain_without_gr
     with md.no_grad():
         assert md.recompute(lambda t: t * w, x, params=[w]).grad_fn is None
     assert md.checkpoint is md.recompute
+    with pytest.raises(ValueError, match="at least one input"):
+        md.recompute(lambda: w * 2.0, params=[w])
 
 
 def test_dropout_draws_the_same_mask_in_both_passes_and_leaves_the_stream_alone():
