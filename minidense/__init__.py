@@ -15,6 +15,7 @@ from .functions import (
     sigmoid, sqrt, sub, sum, tanh, transpose,
 )
 from .gradcheck import GradcheckError, gradcheck
+from .recompute import checkpoint, recompute
 from . import nn
 from . import models
 from . import data, optim

@@ -8,6 +8,8 @@ optional: ``import minidense`` works without it, and only asking for
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 
 import numpy as np
@@ -149,6 +151,28 @@ def generator(device: str = "cpu"):
             gen = np.random.default_rng(_seed)
         _generators[device] = gen
     return gen
+
+
+def rng_snapshot(device: str = "cpu"):
+    """A copy of ``device``'s generator as it is now, to replay its next draws later
+    (recomputation in backward draws the same dropout masks as the forward did)."""
+    return copy.deepcopy(generator(device))
+
+
+@contextlib.contextmanager
+def replay_rng(device: str, snapshot):
+    """Inside the block, ``device``'s generator is a fresh copy of ``snapshot``; after
+    it, the generator in use before, untouched."""
+    device = check_device(device)
+    previous = _generators.get(device)
+    _generators[device] = copy.deepcopy(snapshot)   # a copy: a snapshot can be replayed twice
+    try:
+        yield
+    finally:
+        if previous is None:
+            _generators.pop(device, None)
+        else:
+            _generators[device] = previous
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import Function, Tensor
+from ..recompute import is_recomputing
 
 
 class BatchNorm(Function):
@@ -52,11 +53,13 @@ class BatchNorm(Function):
                                  f"got input of shape {tuple(x.shape)}")
             mean, centred, var, count = self.batch_statistics(x, bshape, fused)
             self.count = count
-            if self.running_mean is not None:
+            # md.recompute runs this forward a second time in backward: update once.
+            update = not is_recomputing()
+            if update and self.running_mean is not None:
                 m = self.momentum
                 self.running_mean *= 1 - m
                 self.running_mean += m * mean
-            if self.running_var is not None:
+            if update and self.running_var is not None:
                 self.running_var *= 1 - self.momentum
                 self.running_var += self.momentum * var * (count / (count - 1))
         else:

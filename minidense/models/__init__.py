@@ -44,7 +44,7 @@ def list_models():
 def get(name, weights=None, **kwargs):
     """Build the model called ``name`` (see ``names``; also "densenet_cifar" and
     "resnet_cifar" with their configuration as keyword arguments).  ``kwargs``:
-    num_classes, and drop_rate / stem_channels (DenseNet), shortcut (CIFAR ResNet),
+    num_classes, and drop_rate / stem_channels / memory_efficient (DenseNet), shortcut (CIFAR ResNet),
     stride_in_3x3 (ImageNet bottleneck ResNet).
 
     ``weights``: a .safetensors (or .npz) file, or a dict of arrays, in torchvision's
@@ -55,6 +55,10 @@ def get(name, weights=None, **kwargs):
     if builder is None:
         raise ValueError(f"md.models.get: unknown model {name!r}; known models: "
                          f"{', '.join(names + tuple(_FAMILIES))}")
+    if "memory_efficient" in kwargs and not name.startswith("densenet"):
+        raise ValueError(f"md.models.get: memory_efficient is a DenseNet option (shared block "
+                         f"storage and recomputation of concat-BN-ReLU-Conv); {name!r} is not a "
+                         f"DenseNet and has no memory-efficient mode")
     if weights is None:
         return builder(**kwargs)
     return pretrained.build(name, builder, weights, kwargs)

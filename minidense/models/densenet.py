@@ -10,6 +10,18 @@ BN-ReLU-Conv(3x3) producing k ("growth rate") channels.  Variants (Section 3):
 * -C  (compression): a transition after a block with m channels outputs floor(theta*m);
 * -BC: both, theta = 0.5.
 
+Memory (Pleiss et al. 2017, "Memory-Efficient Implementation of DenseNets"): a naive
+dense block keeps O(L^2) feature maps for backward, because every layer's BN and ReLU
+keep their own copy of the concatenation [x_0, ..., x_{l-1}].  Two things fix it here:
+
+* shared block storage (both modes): each layer writes its k channels into its slice of
+  one array per block, and layer l's input is a view of the first channels of that array,
+  so the concatenation is never copied (``DenseBlock.forward``, ``StorageView``);
+* recomputation (``memory_efficient=True``): the concat-BN-ReLU-Conv(-BN-ReLU) segment
+  of each layer keeps nothing for backward but its input, that view, and is run again
+  when the backward pass reaches it (``DenseLayer.forward``, ``md.recompute``).  The feature
+  maps kept then grow linearly with depth.
+
 Transitions between blocks: BN-ReLU-Conv(1x1)-AvgPool(2x2).  Classifier:
 BN-ReLU-global average pooling-linear.  Dropout (rate 0.2 in the paper's runs
 without data augmentation) follows every convolution except the first.
@@ -24,8 +36,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from .. import nn
-from ..functions import concat
+from .. import backend, nn
+from ..functions.array import Concat
+from ..recompute import recompute
 from .network import StagedNetwork, imagenet_stem
 
 
@@ -44,37 +57,90 @@ def composite(in_channels, out_channels, kernel_size, drop_rate, index=""):
 
 
 class DenseLayer(nn.Sequential):
-    """H_l: [BN-ReLU-Conv(1x1, 4k)]-BN-ReLU-Conv(3x3, k); the bracket is the bottleneck."""
+    """H_l: [BN-ReLU-Conv(1x1, 4k)]-BN-ReLU-Conv(3x3, k); the bracket is the bottleneck.
 
-    def __init__(self, in_channels, growth_rate, bottleneck, drop_rate=0.0):
-        if bottleneck:
-            width = 4 * growth_rate
-            layers = (composite(in_channels, width, 1, drop_rate, index=1)
-                      + composite(width, growth_rate, 3, drop_rate, index=2))
-        else:
-            layers = composite(in_channels, growth_rate, 3, drop_rate, index=1)
-        super().__init__(OrderedDict(layers))
+    ``memory_efficient``: the part before the last convolution, the first BN-ReLU-Conv
+    (which reads the wide concatenation) and, in -B, the BN-ReLU after it, is recomputed
+    in backward instead of kept: only the 4k channels the 3x3 conv reads stay."""
+
+    def __init__(self, in_channels, growth_rate, bottleneck, drop_rate=0.0, memory_efficient=False):
+        first = composite(in_channels, 4 * growth_rate if bottleneck else growth_rate,
+                          1 if bottleneck else 3, drop_rate, index=1)
+        rest = composite(4 * growth_rate, growth_rate, 3, drop_rate, index=2) if bottleneck else []
+        super().__init__(OrderedDict(first + rest))
         self.in_channels, self.growth_rate = in_channels, growth_rate
+        self.memory_efficient, self.drop_rate = memory_efficient, drop_rate
+        # The recomputed segment: everything before the last convolution.  Cutting right
+        # after conv1 (torchvision's segment) would keep BN2's x_hat besides ReLU2's output:
+        # 8k channels per layer instead of 4k, for little compute (BN-ReLU on 4k channels).
+        self.num_recomputed = len(first) + (2 if bottleneck else 0)
+
+    def segment(self, x):
+        """BN-ReLU-Conv (with dropout) on the concatenation, and BN-ReLU in -B."""
+        for m in list(self._modules.values())[:self.num_recomputed]:
+            x = m(x)
+        return x
+
+    def forward(self, x):
+        modules = list(self._modules.values())
+        if self.memory_efficient:
+            # THE MEMORY SAVING: BN1's x_hat and ReLU1's output (each as wide as the
+            # concatenation) and BN2's x_hat are not kept; only x, a view of the block
+            # storage, is, and the segment's output that the last conv keeps.
+            params = [p for m in modules[:self.num_recomputed] for p in m.parameters()]
+            x = recompute(self.segment, x, params=params,
+                          preserve_rng_state=self.training and self.drop_rate > 0)
+        else:
+            x = self.segment(x)
+        for m in modules[self.num_recomputed:]:
+            x = m(x)
+        return x
+
+
+class StorageView(Concat):
+    """concat(features, axis=1) with no copy: the features already lie side by side in
+    the first channels of ``storage`` (the block wrote each one there), and the result
+    is a view of them.  Backward is Concat's: the gradient split among the features."""
+
+    def __init__(self, storage):
+        super().__init__(axis=1)
+        self.storage = storage
+
+    def forward(self, *features):
+        self.axis_, self.sizes = 1, [f.shape[1] for f in features]
+        view = self.storage[:, :sum(self.sizes)]
+        self.storage = None   # the graph must not keep the storage alive after backward
+        return view
 
 
 class DenseBlock(nn.Module):
     """``num_layers`` dense layers; layer l sees in_channels + (l-1)k channels and the
     block outputs in_channels + num_layers*k."""
 
-    def __init__(self, num_layers, in_channels, growth_rate, bottleneck, drop_rate=0.0):
+    def __init__(self, num_layers, in_channels, growth_rate, bottleneck, drop_rate=0.0,
+                 memory_efficient=False):
         super().__init__()
         for i in range(num_layers):
             self.add_module(f"layer{i + 1}", DenseLayer(in_channels + i * growth_rate, growth_rate,
-                                                        bottleneck, drop_rate))
+                                                        bottleneck, drop_rate, memory_efficient))
         self.in_channels = in_channels
         self.out_channels = in_channels + num_layers * growth_rate
 
     def forward(self, x):
+        # Shared block storage: one array for the block's output, allocated once per
+        # forward; layer l writes its k channels into its slice, and reads the channels
+        # before it as a view, so [x_0, ..., x_{l-1}] is never copied.
+        n, c, h, w = x.shape
+        storage = backend.get_array_module(x.data).empty((n, self.out_channels, h, w), x.dtype)
+        storage[:, :c] = x.data
         features = [x]
         for layer in self.children():
             # x_l = H_l([x_0, x_1, ..., x_{l-1}])
-            features.append(layer(concat(features, axis=1) if len(features) > 1 else x))
-        return concat(features, axis=1)
+            y = layer(StorageView(storage)(*features) if len(features) > 1 else x)
+            storage[:, c:c + y.shape[1]] = y.data
+            c += y.shape[1]
+            features.append(y)
+        return StorageView(storage)(*features)
 
 
 class Transition(nn.Sequential):
@@ -93,11 +159,14 @@ class DenseNet(StagedNetwork):
     block_config: layers per dense block; growth_rate: k; bottleneck: -B;
     compression: theta (1 = none, 0.5 for -C/-BC); stem: "cifar" (3x3 conv) or
     "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max pool); stem_channels: output channels of
-    the first convolution; drop_rate: dropout after every convolution but the first.
+    the first convolution; drop_rate: dropout after every convolution but the first;
+    memory_efficient: recompute each layer's concat-BN-ReLU-Conv in backward, so that
+    the feature maps kept grow linearly with depth (same numbers, same state dict).
     """
 
     def __init__(self, block_config, growth_rate, bottleneck=False, compression=1.0,
-                 stem_channels=16, stem="cifar", num_classes=10, drop_rate=0.0):
+                 stem_channels=16, stem="cifar", num_classes=10, drop_rate=0.0,
+                 memory_efficient=False):
         super().__init__()
         if not 0 < compression <= 1:
             raise ValueError(f"DenseNet: compression (theta) must be in (0, 1], got {compression}")
@@ -108,9 +177,11 @@ class DenseNet(StagedNetwork):
         else:
             raise ValueError(f"DenseNet: stem must be 'cifar' or 'imagenet', got {stem!r}")
         self.growth_rate, self.bottleneck, self.compression = growth_rate, bottleneck, compression
+        self.memory_efficient = memory_efficient
         channels = stem_channels
         for b, num_layers in enumerate(block_config, start=1):
-            block = DenseBlock(num_layers, channels, growth_rate, bottleneck, drop_rate)
+            block = DenseBlock(num_layers, channels, growth_rate, bottleneck, drop_rate,
+                               memory_efficient)
             self.add_module(f"block{b}", block)
             channels = block.out_channels
             if b < len(block_config):
@@ -127,7 +198,7 @@ class DenseNet(StagedNetwork):
 
 
 def densenet_cifar(depth, growth_rate, bottleneck=False, compression=1.0, num_classes=10,
-                   drop_rate=0.0, stem_channels=None):
+                   drop_rate=0.0, stem_channels=None, memory_efficient=False):
     """The CIFAR DenseNet of depth L: 3 dense blocks of (L-4)/3 layers, or (L-4)/6
     bottleneck layers (each has two convolutions).  ``stem_channels`` defaults to the
     paper's 16, or 2k for DenseNet-BC; pass 2*growth_rate to use 2k everywhere as the
@@ -141,7 +212,7 @@ def densenet_cifar(depth, growth_rate, bottleneck=False, compression=1.0, num_cl
         stem_channels = 2 * growth_rate if bottleneck and compression < 1 else 16
     n = (depth - 4) // per_layer
     return DenseNet((n, n, n), growth_rate, bottleneck, compression, stem_channels, "cifar",
-                    num_classes, drop_rate)
+                    num_classes, drop_rate, memory_efficient)
 
 
 # --- Table 2 of the paper (CIFAR) ---------------------------------------------------
@@ -176,10 +247,11 @@ def densenet_bc190_k40(**options):
 
 
 # --- Table 1 of the paper (ImageNet): DenseNet-BC, k=32 -----------------------------
-def densenet_imagenet(block_config, growth_rate=32, num_classes=1000, drop_rate=0.0):
+def densenet_imagenet(block_config, growth_rate=32, num_classes=1000, drop_rate=0.0,
+                      memory_efficient=False):
     return DenseNet(block_config, growth_rate, bottleneck=True, compression=0.5,
                     stem_channels=2 * growth_rate, stem="imagenet", num_classes=num_classes,
-                    drop_rate=drop_rate)
+                    drop_rate=drop_rate, memory_efficient=memory_efficient)
 
 
 def densenet121(**options):
