@@ -255,3 +255,15 @@ def test_sync_bn_in_one_process_changes_nothing(straight_run, tmp_path):
     assert train.main(TINY + ["--out", str(out), "--sync-bn"]) == 0
     assert exact(reporting.read_metrics(out / "metrics.jsonl")) == \
         exact(reporting.read_metrics(straight_run / "metrics.jsonl"))
+
+
+def test_memory_efficient_training_gives_the_ordinary_numbers(straight_run, tmp_path):
+    """--model-args memory_efficient=true reaches the model; recomputation in backward
+    changes what is kept, not what is computed."""
+    out = tmp_path / "efficient"
+    args = list(TINY)
+    args[args.index("--model-args") + 1] += ",memory_efficient=true"
+    assert train.main(args + ["--out", str(out)]) == 0
+    assert md.load(out / "last.npz")["settings"]["model_args"].endswith("memory_efficient=true")
+    assert exact(reporting.read_metrics(out / "metrics.jsonl")) == \
+        exact(reporting.read_metrics(straight_run / "metrics.jsonl"))
