@@ -9,8 +9,11 @@ Every configuration runs in fresh processes (minidense's 2 ranks under ``mpiexec
 PyTorch's as 2 processes joined by gloo over loopback) on random CIFAR-shaped data: a
 step is forward, cross-entropy, backward, the gradient average, and SGD with momentum.
 Reported: images/s (global batch over the median step time of rank 0, after one
-warm-up step), the speed-up of 2 ranks over 1 process, and for 2 ranks the fraction of
-the step spent in the gradient allreduce, waiting for the other rank included.
+warm-up step) of 1 process with 2 threads, 1 process with 1 thread, and 2 ranks with 1
+thread each; the speed-up of 2 ranks over each single process; and for 2 ranks the
+fraction of the step spent in the gradient allreduce, waiting for the other rank
+included.  The 1-thread single process is the steadier baseline on a busy machine,
+where a BLAS thread that spins waiting for its partner loses the most.
 
 On a 2-core machine this measures whether 2 single-threaded ranks use the cores better
 than one 2-threaded process (NumPy's element-wise work runs on one thread, so ranks can
@@ -126,8 +129,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_config(framework, model, batch, steps, ranks, mpiexec, timeout):
-    threads = 2 // ranks
+def run_config(framework, model, batch, steps, ranks, threads, mpiexec, timeout):
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.json"
         worker = [sys.executable, str(Path(__file__).resolve()), "--worker", framework,
@@ -185,29 +187,32 @@ def main(argv=None):
             print("torch is not importable: minidense only")
     load_before = os.getloadavg()
     results = []
-    print(f"global batch {args.batch}, {args.steps} timed steps after 1 warm-up; "
-          f"1 process x 2 threads against 2 ranks x 1 thread\n")
-    print(f"{'model':<20} {'framework':<10} {'1 proc img/s':>13} {'2 ranks img/s':>14} "
-          f"{'speed-up':>9} {'allreduce':>10} {'load':>5}")
+    print(f"global batch {args.batch}, {args.steps} timed steps after 1 warm-up; images/s of "
+          f"1 process x 2 threads, 1 process x 1 thread, 2 ranks x 1 thread\n")
+    print(f"{'model':<20} {'framework':<10} {'1x2 img/s':>10} {'1x1 img/s':>10} "
+          f"{'2x1 img/s':>10} {'2x1 / 1x2':>10} {'2x1 / 1x1':>10} {'allreduce':>10} {'load':>5}")
+    configurations = {"1x2": (1, 2), "1x1": (1, 1), "2x1": (2, 1)}   # ranks x threads
     for model in args.models.split(","):
         for framework in frameworks:
             row = {"model": model, "framework": framework}
-            for ranks in (1, 2):
+            for name, (ranks, threads) in configurations.items():
                 load = os.getloadavg()[0]
-                measured = run_config(framework, model, args.batch, args.steps, ranks, mpiexec,
-                                      args.timeout)
+                measured = run_config(framework, model, args.batch, args.steps, ranks, threads,
+                                      mpiexec, args.timeout)
                 step = float(np.median(measured["step_s"]))
-                row[f"ranks{ranks}"] = {"median_step_s": step, "images_per_s": args.batch / step,
-                                        "load_before": load, **measured}
+                row[name] = {"ranks": ranks, "threads": threads, "median_step_s": step,
+                             "images_per_s": args.batch / step, "load_before": load, **measured}
                 if "allreduce_s" in measured and ranks == 2:
                     row["allreduce_fraction"] = float(np.median(measured["allreduce_s"]) / step)
-            row["speedup"] = row["ranks2"]["images_per_s"] / row["ranks1"]["images_per_s"]
+            row["speedup_over_1x2"] = row["2x1"]["images_per_s"] / row["1x2"]["images_per_s"]
+            row["speedup_over_1x1"] = row["2x1"]["images_per_s"] / row["1x1"]["images_per_s"]
             results.append(row)
             fraction = row.get("allreduce_fraction")
-            print(f"{model:<20} {framework:<10} {row['ranks1']['images_per_s']:>13.1f} "
-                  f"{row['ranks2']['images_per_s']:>14.1f} {row['speedup']:>8.2f}x "
+            print(f"{model:<20} {framework:<10} {row['1x2']['images_per_s']:>10.1f} "
+                  f"{row['1x1']['images_per_s']:>10.1f} {row['2x1']['images_per_s']:>10.1f} "
+                  f"{row['speedup_over_1x2']:>9.2f}x {row['speedup_over_1x1']:>9.2f}x "
                   f"{'' if fraction is None else f'{100 * fraction:.1f}%':>10} "
-                  f"{row['ranks2']['load_before']:>5.2f}", flush=True)
+                  f"{row['2x1']['load_before']:>5.2f}", flush=True)
     finish_run("distributed", machine_description("cpu", blas_description()), vars(args) | {"mpiexec": mpiexec},
                load_before, results, Path(args.json))
 
