@@ -140,6 +140,11 @@ def main(argv=None) -> int:
             value = getattr(args, option)
             if value is not None and value < 1:
                 raise SettingsError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+        if args.device == "cuda":
+            try:
+                md.backend.check_device("cuda")
+            except RuntimeError as error:
+                raise SettingsError(f"--device cuda: {error}") from None
         accuracy, loss, confusion, classes = evaluate_checkpoint(
             args.checkpoint, args.data, args.device, args.batch_size, args.subset or 0)
     except (SettingsError, data.DataError) as error:

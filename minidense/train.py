@@ -171,6 +171,11 @@ def check_settings(settings: dict, given: dict) -> None:
     if settings["subset"] and settings["subset"] < settings["batch_size"]:
         raise SettingsError(f"--subset {settings['subset']} is smaller than one batch "
                             f"(--batch-size {settings['batch_size']}): no training step")
+    if settings["device"] == "cuda":
+        try:
+            md.backend.check_device("cuda")
+        except RuntimeError as error:
+            raise SettingsError(f"--device cuda: {error}") from None
     check_model(settings["model"], settings.get("model_args", ""))
     check_out(settings)
 
@@ -256,10 +261,17 @@ def main(argv=None) -> int:
     given = {k: v for k, v in vars(args).items() if v is not None}
     checkpoint, comm = None, None
 
-    def fail(status, message):
-        if comm is None or comm.is_main:
+    def fail(status, message, every_rank_knows=False):
+        """Report and exit.  Before MPI starts, rank 0 alone reports (every rank fails
+        alike).  After it, an error one rank may have alone is reported by that rank
+        and aborts the job, so that no other rank waits for it forever."""
+        several = comm is not None and comm.size > 1
+        if comm is None and distributed.is_main_process():
             print(f"{parser.prog}: {message}", file=sys.stderr)
-        if comm is not None and comm.size > 1:
+        elif comm is not None and (comm.is_main or not every_rank_knows):
+            prefix = f"rank {comm.rank}: " if several else ""
+            print(f"{parser.prog}: {prefix}{message}", file=sys.stderr)
+        if several and not every_rank_knows:
             comm.abort(status)
         return status
 
@@ -284,7 +296,7 @@ def main(argv=None) -> int:
         return fail(EXIT_DATA, f"data error: {error}")
     except Diverged as error:
         # Every rank found it at the same step (the allreduce carries the mark).
-        return fail(EXIT_DIVERGED, str(error)) if comm.is_main else EXIT_DIVERGED
+        return fail(EXIT_DIVERGED, str(error), every_rank_knows=True)
     except KeyboardInterrupt:
         return fail(EXIT_INTERRUPTED, "interrupted without saving; last.npz holds the last "
                                       "completed epoch (or the last Ctrl-C save)")

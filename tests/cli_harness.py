@@ -11,6 +11,10 @@ MODE:
   ctrl-c-twice      Ctrl-C after batch 2 of epoch 2, and again while that checkpoint is
                     being written
   ctrl-c-rank-1     under mpiexec: Ctrl-C to rank 1 alone, after batch 2 of epoch 2
+  sigterm-twice     SIGTERM twice (as a job's SIGTERM forwarded by mpiexec arrives) after
+                    batch 2 of epoch 2, on every rank
+  data-error-rank-1 under mpiexec: rank 1 alone cannot read its data
+  gpu-on-rank-0     under mpiexec: rank 0 alone finds a GPU
   fail-rank-1       under mpiexec: rank 1 raises an exception in its 3rd update
   batch-sizes       writes the sizes of this rank's training batches to
                     $HARNESS_OUT/batch-sizes-<rank>.json at the end
@@ -105,6 +109,31 @@ elif mode == "ctrl-c-rank-1":
         return step_seed(seed, epoch, step, rank)
 
     trainer.step_seed = seed_and_press_on_rank_1
+
+elif mode == "sigterm-twice":
+    step_seed = trainer.step_seed
+
+    def seed_and_terminate(seed, epoch, step, rank=0):
+        if (epoch, step) == (1, 2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_seed(seed, epoch, step, rank)
+
+    trainer.step_seed = seed_and_terminate
+
+elif mode == "data-error-rank-1":
+    open_datasets = md.data.open_datasets
+
+    def failing_open(*args, **kwargs):
+        if distributed.launcher_rank_and_size()[0] == 1:
+            raise md.data.DataError("planted: rank 1 cannot read its copy of the data")
+        return open_datasets(*args, **kwargs)
+
+    md.data.open_datasets = failing_open
+
+elif mode == "gpu-on-rank-0":
+    trainer.choose_device = lambda name, log=print: (
+        "cuda" if distributed.launcher_rank_and_size()[0] == 0 else "cpu")
 
 elif mode == "fail-rank-1":
     step = md.optim.SGD.step

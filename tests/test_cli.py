@@ -72,7 +72,9 @@ BAD_OPTIONS = [
     (["--model", "resnet_cifar", "--model-args", "depth=7"], "depth 6n + 2"),
     (["--subset", "10", "--batch-size", "16"], "--subset 10 is smaller than one batch"),
     (["--resume", "garbage.npz"], "--resume: there is no checkpoint at garbage.npz"),
-]
+] + ([] if md.cuda_available() else [
+    (["--device", "cuda"], "--device cuda: device 'cuda' was requested but"),
+])
 
 
 @pytest.mark.parametrize("args,message", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
@@ -225,6 +227,17 @@ def test_second_ctrl_c_during_the_save_keeps_the_previous_checkpoint(tmp_path):
     assert status == 0, stderr
 
 
+def test_sigterm_twice_still_saves(tmp_path):
+    """A job's SIGTERM can reach a process twice (from the scheduler and from mpiexec):
+    the run still stops after the batch and saves."""
+    out = tmp_path / "run"
+    status, stdout, stderr = run(TINY + ["--out", out], tmp_path, harness="sigterm-twice")
+    assert status == 130, stderr
+    assert "SIGTERM: stopping after this batch" in stdout
+    progress = md.load(out / "last.npz")["progress"]
+    assert (progress["epoch"], progress["step"]) == (1, 3)   # sent before batch 3: after it
+
+
 # ---------------------------------------------------------------------------
 # minidense.evaluate
 # ---------------------------------------------------------------------------
@@ -271,6 +284,12 @@ def test_evaluate_refuses_data_without_a_test_split(trained, tmp_path):
     image_tree(tmp_path / "train-only", [str(d) for d in range(10)], splits=("train",))
     evaluate_error(["--checkpoint", trained, "--data", tmp_path / "train-only"], tmp_path,
                    "no test/<class>/*.png|jpg images in")
+
+
+@pytest.mark.skipif(md.cuda_available(), reason="this machine has a GPU")
+def test_evaluate_refuses_a_missing_gpu(trained, tmp_path):
+    evaluate_error(["--checkpoint", trained, "--device", "cuda"], tmp_path,
+                   "--device cuda: device 'cuda' was requested but")
 
 
 def test_evaluate_refuses_bad_sizes(trained, tmp_path):

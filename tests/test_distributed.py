@@ -239,3 +239,24 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert len(messages) == 1
     assert "the run diverged at epoch 2, batch 3 of 6: the loss is not finite" in messages[0]
     assert md.load(out / "last.npz")["progress"]["epoch"] == 1
+
+
+@needs_mpi
+def test_sigterm_twice_on_every_rank_still_saves(tmp_path):
+    out = tmp_path / "run"
+    done = launch([HARNESS, "sigterm-twice"] + TINY + ["--out", out], tmp_path)
+    assert done.returncode == 130, done.stderr
+    progress = md.load(out / "last.npz")["progress"]
+    assert (progress["epoch"], progress["step"]) == (1, 3)
+
+
+@needs_mpi
+@pytest.mark.parametrize("planted,message", [
+    ("data-error-rank-1", "rank 1: data error: planted: rank 1 cannot read its copy"),
+    ("gpu-on-rank-0", "the ranks disagree on the device: 1 of 2 can use a GPU"),
+])
+def test_an_error_of_one_rank_is_reported_and_ends_the_job(planted, message, tmp_path):
+    done = launch([HARNESS, planted] + TINY + ["--out", tmp_path / "run"], tmp_path, timeout=60)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

@@ -53,20 +53,32 @@ def non_finite_entries(state: dict) -> list:
 class InterruptRequest:
     """Ctrl-C (or SIGTERM, as a cluster's scheduler sends before it kills) asks the run
     to stop after the current batch and save a checkpoint (a KeyboardInterrupt in the
-    middle of an update would leave the weights half updated); a second one stops at
-    once."""
+    middle of an update would leave the weights half updated); a second Ctrl-C stops at
+    once.  A repeated SIGTERM does not: under mpiexec a job's SIGTERM reaches each rank
+    twice (directly and forwarded by mpiexec), and the save must still happen.
+
+    The handler only sets flags: printing from a signal handler can interrupt a print
+    of the main thread (Python raises on the reentrant write), so ``announce`` prints
+    from the loop."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, log):
         self.requested, self.log, self.previous = False, log, {}
+        self.unannounced = None   # the name of a signal not yet reported
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
-        self.log("\nCtrl-C: stopping after this batch and saving a checkpoint "
-                 "(press Ctrl-C again to quit without saving)")
+        if not self.requested:
+            self.requested = True
+            self.unannounced = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+    def announce(self):
+        if self.unannounced:
+            self.log(f"\n{self.unannounced}: stopping after this batch and saving a checkpoint "
+                     f"(press Ctrl-C again to quit without saving)")
+            self.unannounced = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -107,6 +119,15 @@ class TrainingRun:
         self.comm = comm = comm or distributed.SingleProcess()
         self.log = log = log if comm.is_main else (lambda *args, **kwargs: None)
         self.device = choose_device(settings["device"], log)
+        if comm.size > 1:
+            # Every rank must take the same path (NCCL or MPI, and the default epochs).
+            on_gpu = int(comm.sum_numbers(self.device == "cuda")[0])
+            if 0 < on_gpu < comm.size:
+                raise SettingsError(f"the ranks disagree on the device: {on_gpu} of {comm.size} "
+                                    f"can use a GPU; pass --device cpu, or give every rank one")
+            if settings["batch_size"] % comm.size:
+                raise SettingsError(f"--batch-size {settings['batch_size']} (the global batch) "
+                                    f"does not divide evenly over the {comm.size} ranks")
         if self.device == "cuda":
             if comm.size > 1:
                 backend.use_gpu(comm.local_rank)
@@ -279,6 +300,7 @@ class TrainingRun:
                 stop, bad = comm.average_gradients(parameters, buffers,
                                                    flags=(float(interrupt.requested), bad))
                 self.stopping = self.stopping or stop > 0
+                interrupt.announce()
                 if bad:
                     self.diverged(epoch, step + 1, "the loss is not finite" if comm.size > 1
                                   else f"the loss is {value}")
@@ -302,6 +324,7 @@ class TrainingRun:
                         self.last_finite_loss = stats[0]
                     bar.update(step, stats, seen_here * comm.size / (now - start))
                 if self.should_stop(interrupt) and step < self.steps_per_epoch:
+                    interrupt.announce()
                     if bar is not None:
                         bar.close()
                     self.save(self.state(epoch, step, sums, time_before + now - start))
@@ -313,10 +336,15 @@ class TrainingRun:
             bar.close()
         return sums, time_before + time.perf_counter() - start
 
-    def should_stop(self, interrupt) -> bool:
+    def should_stop(self, interrupt, at_epoch_end=False) -> bool:
         """Ctrl-C or SIGTERM: with several ranks only once every rank knows (through the
-        step's allreduce), so that they all stop at the same step."""
-        return self.stopping or (self.comm.size == 1 and interrupt.requested)
+        step's allreduce, or at an epoch's end one more sum), so that they all stop at
+        the same step."""
+        if self.comm.size == 1:
+            return self.stopping or interrupt.requested
+        if at_epoch_end and not self.stopping:   # a signal during evaluation or the save
+            self.stopping = self.comm.sum_numbers(float(interrupt.requested))[0] > 0
+        return self.stopping
 
     def finish_epoch(self, epoch, sums, train_time) -> dict:
         """Test (when due), record the epoch's metrics, save the checkpoints and files."""
@@ -372,7 +400,8 @@ class TrainingRun:
                                                  if epoch + 1 < self.epochs else ""))
                 if epoch + 1 == self.epochs:
                     break
-                if self.should_stop(interrupt):
+                if self.should_stop(interrupt, at_epoch_end=True):
+                    interrupt.announce()
                     self.log(f"checkpoint saved: {self.out / 'last.npz'} (after epoch "
                              f"{epoch + 1}); {resume_hint}")
                     return self.result("interrupted")
