@@ -21,6 +21,7 @@ from . import data, optim
 from .summary import summary
 from .viz import render_dot, to_dot
 from .io import load, save
+from .profiling import Profiler, profiler
 
 __version__ = "0.1.0"
 
