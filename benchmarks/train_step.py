@@ -9,7 +9,10 @@ Two modes.  ``--separate-processes`` (the default on the CPU): every framework r
 model in a fresh process of its own, as users run them, so that neither's thread pools,
 allocator or caches disturb the other; there are ``--rounds`` of them (default 2), the
 order of the frameworks swapped every round, and the timed steps of all rounds are
-pooled.  Each process also reports its peak resident memory.  ``--interleaved`` (the
+pooled.  Each process also reports its peak resident memory.  ``--clock cpu`` (separate
+processes only) gives each process one thread (BLAS, PyTorch) and times its CPU time
+instead of the wall clock: a measure that other programs competing for the cores
+disturb far less, for busy machines.  ``--interleaved`` (the
 default on CUDA, and the only mode there): one process holds both, taking turns step by
 step, as described below.
 
@@ -251,7 +254,17 @@ def run_model(name, batch_size, device, use_torch, steps, warmup):
 # ---------------------------------------------------------------------------
 # --separate-processes: one fresh process per framework, model and round
 # ---------------------------------------------------------------------------
-def worker(framework, name, batch_size, steps, warmup, threads, out):
+class CpuTimer:
+    """Milliseconds of this process's CPU time between ``start()`` and ``stop()``."""
+
+    def start(self):
+        self.t0 = time.process_time()
+
+    def stop(self):
+        return (time.process_time() - self.t0) * 1e3
+
+
+def worker(framework, name, batch_size, steps, warmup, threads, out, clock="wall"):
     """The body of one fresh process: time one framework alone on one model and write
     {"ms": [...], "logits": [...], "peak_rss_mib": ...} to ``out``."""
     rng = np.random.default_rng(0)
@@ -266,6 +279,8 @@ def worker(framework, name, batch_size, steps, warmup, threads, out):
     else:
         trainer = MinidenseTrainer(model, "cpu", images, labels)
     logits = trainer.logits()
+    if clock == "cpu":
+        trainer.timer = CpuTimer
     gc.collect()
     (ms,) = time_steps([trainer], steps, warmup)
     # ru_maxrss is in KiB on Linux.
@@ -273,7 +288,7 @@ def worker(framework, name, batch_size, steps, warmup, threads, out):
     Path(out).write_text(json.dumps({"ms": ms, "logits": logits.tolist(), "peak_rss_mib": peak}))
 
 
-def run_model_separately(name, batch_size, use_torch, steps, warmup, rounds, threads):
+def run_model_separately(name, batch_size, use_torch, steps, warmup, rounds, threads, clock="wall"):
     """``run_model``'s result, each framework timed in fresh processes (see the module's
     docstring)."""
     frameworks = ["minidense", "torch"] if use_torch else ["minidense"]
@@ -282,10 +297,13 @@ def run_model_separately(name, batch_size, use_torch, steps, warmup, rounds, thr
         for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
             with tempfile.TemporaryDirectory() as folder:
                 out = Path(folder) / "result.json"
+                # One BLAS thread is set before NumPy starts in the worker.
+                env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                           MKL_NUM_THREADS="1") if clock == "cpu" else None
                 subprocess.run([sys.executable, __file__, "--worker", fw, "--models", name,
                                 "--batch-sizes", str(batch_size), "--steps", str(steps),
                                 "--warmup", str(warmup), "--threads", str(threads),
-                                "--json", str(out)], check=True)
+                                "--clock", clock, "--json", str(out)], check=True, env=env)
                 runs[fw].append(json.loads(out.read_text()))
     result = {"model": name, "batch_size": batch_size,
               "parameters": md.models.get(name).num_parameters(), "steps": steps * rounds,
@@ -373,12 +391,14 @@ def main(argv=None):
                       help="both frameworks in this process, taking turns (default on cuda)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="--separate-processes: fresh processes per framework and model (default 2)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: one thread per process and its CPU time (--separate-processes only)")
     parser.add_argument("--worker", choices=("minidense", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:   # one process of --separate-processes
         worker(args.worker, args.models, int(args.batch_sizes), args.steps, args.warmup,
-               args.threads, args.json)
+               args.threads, args.json, args.clock)
         return
     separate = args.separate if args.separate is not None else args.device == "cpu"
     if separate and args.device != "cpu":
@@ -386,6 +406,8 @@ def main(argv=None):
                      "and uses CUDA events in one process)")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.clock == "cpu" and not separate:
+        parser.error("--clock cpu needs --separate-processes (one thread per process)")
     md.backend.check_device(args.device)
     started = time.perf_counter()
     model_names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -417,7 +439,7 @@ def main(argv=None):
             torch.backends.cudnn.benchmark = True
             settings.update(torch_matmul_tf32=tf32, torch_cudnn_tf32=tf32, torch_cudnn_benchmark=True)
     else:
-        settings["clock"] = "wall"
+        settings["clock"] = "process CPU time, 1 thread" if args.clock == "cpu" else "wall"
     print(f"minidense on {'NumPy' if args.device == 'cpu' else 'CuPy'} vs "
           + (f"PyTorch {torch.__version__} on {args.device}" if use_torch
              else "no PyTorch (not importable)" if torch is None else f"no PyTorch (this torch has no {args.device})"))
@@ -427,6 +449,8 @@ def main(argv=None):
           + (f"; GPU {machine['gpu']}, CuPy {machine['cupy']}" if args.device == "cuda" else ""))
     how = (f"each framework in {args.rounds} fresh processes of its own per model" if separate
            else "the frameworks taking turns in this process")
+    if args.clock == "cpu":
+        how += " (one thread each: BLAS and torch)"
     print(f"float32, training mode, SGD momentum {MOMENTUM}; {settings['clock']} time per step (forward, "
           f"cross-entropy, zero_grad, backward, update), median of the timed steps after "
           f"{warmup} warm-up, {how}; ratio = minidense / torch")
@@ -446,7 +470,8 @@ def main(argv=None):
             steps = args.steps or DEFAULT_STEPS[args.device].get(name, DEFAULT_STEPS_ELSEWHERE[args.device])
             if separate:
                 results.append(run_model_separately(name, batch_size, use_torch, steps, warmup,
-                                                    args.rounds, blas["threads"]))
+                                                    args.rounds, 1 if args.clock == "cpu"
+                                                    else blas["threads"], args.clock))
             else:
                 results.append(run_model(name, batch_size, args.device, use_torch, steps, warmup))
             # After every case, so that a run killed for time keeps the cases it finished.
