@@ -445,7 +445,8 @@ def main(argv=None):
              else "no PyTorch (not importable)" if torch is None else f"no PyTorch (this torch has no {args.device})"))
     print(f"{machine['cpu']}, {machine['cpu_count']} CPUs; NumPy {np.__version__}, "
           f"BLAS {blas.get('name')} {blas.get('version')} with {blas['threads']} thread(s)"
-          + (f"; torch set to {torch.get_num_threads()} to match" if use_torch else "")
+          + ("; each process set to 1 thread" if args.clock == "cpu" else
+             f"; torch set to {torch.get_num_threads()} to match" if use_torch else "")
           + (f"; GPU {machine['gpu']}, CuPy {machine['cupy']}" if args.device == "cuda" else ""))
     how = (f"each framework in {args.rounds} fresh processes of its own per model" if separate
            else "the frameworks taking turns in this process")
