@@ -203,7 +203,7 @@ def stage_train_step(args):
     import train_step
     out = Path(args.work) / "train_step.json"
     if args.smoke:
-        argv = ["--device", "cpu", "--models", "resnet20", "--batch-sizes", "2", "--steps", "1",
+        argv = ["--device", "cpu", "--interleaved", "--models", "resnet20", "--batch-sizes", "2", "--steps", "1",
                 "--warmup", "0"]
     else:
         argv = ["--device", "cuda", "--models", "densenet_bc100_k12,resnet56,densenet40_k12,resnet110",

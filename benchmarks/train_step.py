@@ -1,8 +1,20 @@
-"""Time a whole training step of the CIFAR models against PyTorch, side by side in the same run.
+"""Time a whole training step of the CIFAR models against PyTorch.
 
     python benchmarks/train_step.py                        # CPU: 4 models, batch 64 and 128
     python benchmarks/train_step.py --models resnet20 --batch-sizes 32 --steps 10
+    python benchmarks/train_step.py --interleaved          # both frameworks in one process
     python benchmarks/train_step.py --device cuda          # minidense on CuPy, PyTorch on CUDA
+
+Two modes.  ``--separate-processes`` (the default on the CPU): every framework runs each
+model in a fresh process of its own, as users run them, so that neither's thread pools,
+allocator or caches disturb the other; there are ``--rounds`` of them (default 2), the
+order of the frameworks swapped every round, and the timed steps of all rounds are
+pooled.  Each process also reports its peak resident memory.  ``--clock cpu`` (separate
+processes only) gives each process one thread (BLAS, PyTorch) and times its CPU time
+instead of the wall clock: a measure that other programs competing for the cores
+disturb far less, for busy machines.  ``--interleaved`` (the
+default on CUDA, and the only mode there): one process holds both, taking turns step by
+step, as described below.
 
 A step is what a training loop does for one batch: forward, cross-entropy,
 zero_grad, backward and an SGD step with momentum 0.9, in float32 and training mode,
@@ -30,8 +42,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -236,6 +252,83 @@ def run_model(name, batch_size, device, use_torch, steps, warmup):
 
 
 # ---------------------------------------------------------------------------
+# --separate-processes: one fresh process per framework, model and round
+# ---------------------------------------------------------------------------
+class CpuTimer:
+    """Milliseconds of this process's CPU time between ``start()`` and ``stop()``."""
+
+    def start(self):
+        self.t0 = time.process_time()
+
+    def stop(self):
+        return (time.process_time() - self.t0) * 1e3
+
+
+def worker(framework, name, batch_size, steps, warmup, threads, out, clock="wall"):
+    """The body of one fresh process: time one framework alone on one model and write
+    {"ms": [...], "logits": [...], "peak_rss_mib": ...} to ``out``."""
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch_size, 3, 32, 32), dtype=np.float32)
+    labels = rng.integers(0, NUM_CLASSES, batch_size)
+    md.manual_seed(0)              # the same initial weights in every process,
+    model = md.models.get(name)    # which the torch twin takes
+    if framework == "torch":
+        torch.set_num_threads(threads)
+        trainer = TorchTrainer(name, model, "cpu", images, labels)
+        del model
+    else:
+        trainer = MinidenseTrainer(model, "cpu", images, labels)
+    logits = trainer.logits()
+    if clock == "cpu":
+        trainer.timer = CpuTimer
+    gc.collect()
+    (ms,) = time_steps([trainer], steps, warmup)
+    # ru_maxrss is in KiB on Linux.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out).write_text(json.dumps({"ms": ms, "logits": logits.tolist(), "peak_rss_mib": peak}))
+
+
+def run_model_separately(name, batch_size, use_torch, steps, warmup, rounds, threads, clock="wall"):
+    """``run_model``'s result, each framework timed in fresh processes (see the module's
+    docstring)."""
+    frameworks = ["minidense", "torch"] if use_torch else ["minidense"]
+    runs = {fw: [] for fw in frameworks}
+    for r in range(rounds):
+        for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
+            with tempfile.TemporaryDirectory() as folder:
+                out = Path(folder) / "result.json"
+                # One BLAS thread is set before NumPy starts in the worker.
+                env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                           MKL_NUM_THREADS="1") if clock == "cpu" else None
+                subprocess.run([sys.executable, __file__, "--worker", fw, "--models", name,
+                                "--batch-sizes", str(batch_size), "--steps", str(steps),
+                                "--warmup", str(warmup), "--threads", str(threads),
+                                "--clock", clock, "--json", str(out)], check=True, env=env)
+                runs[fw].append(json.loads(out.read_text()))
+    result = {"model": name, "batch_size": batch_size,
+              "parameters": md.models.get(name).num_parameters(), "steps": steps * rounds,
+              "warmup": warmup, "rounds": rounds, "mode": "separate processes"}
+    for fw in frameworks:
+        ms = [t for run in runs[fw] for t in run["ms"]]
+        result[fw] = summary(ms)
+        result[fw]["images_per_s"] = batch_size / (result[fw]["median_ms"] / 1e3)
+        result[fw]["memory"] = None
+        result[fw]["peak_rss_mib"] = max(run["peak_rss_mib"] for run in runs[fw])
+    if use_torch:
+        ours, theirs = (np.array(runs[fw][0]["logits"]) for fw in frameworks)
+        result["logits_max_abs_difference"] = float(np.abs(ours - theirs).max())
+        result["logits_max_abs"] = float(np.abs(theirs).max())
+        mine, other = result["minidense"], result["torch"]
+        result["ratio"] = mine["median_ms"] / other["median_ms"]
+        result["ratio_of_minimums"] = mine["min_ms"] / other["min_ms"]
+    print(f"  {name}, batch {batch_size}: " + ", ".join(
+        f"{fw} {result[fw]['median_ms']:.0f} ms (peak RSS {result[fw]['peak_rss_mib']:.0f} MiB)"
+        for fw in frameworks) + (f"; logits agree to {result['logits_max_abs_difference']:.1e}"
+                                 if use_torch else ""), flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
 def mebibytes(count):
@@ -270,7 +363,7 @@ def print_table(results, has_torch, device):
                          f"{mebibytes(ours['pool_total_bytes_peak']):>6} "
                          f"{mebibytes(theirs['max_memory_reserved']):>8}")
         print(line)
-    if not memory:
+    if not memory and not any("peak_rss_mib" in r["minidense"] for r in results):
         print("peak memory: n/a on the CPU (one process holds both frameworks)")
 
 
@@ -291,7 +384,30 @@ def main(argv=None):
                         help="on CUDA: no TF32 on either side (default: TF32 for both frameworks)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds after which no new case starts (default: none)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--separate-processes", dest="separate", action="store_true", default=None,
+                      help="each framework in fresh processes of its own (default on cpu)")
+    mode.add_argument("--interleaved", dest="separate", action="store_false",
+                      help="both frameworks in this process, taking turns (default on cuda)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="--separate-processes: fresh processes per framework and model (default 2)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: one thread per process and its CPU time (--separate-processes only)")
+    parser.add_argument("--worker", choices=("minidense", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:   # one process of --separate-processes
+        worker(args.worker, args.models, int(args.batch_sizes), args.steps, args.warmup,
+               args.threads, args.json, args.clock)
+        return
+    separate = args.separate if args.separate is not None else args.device == "cpu"
+    if separate and args.device != "cpu":
+        parser.error("--separate-processes is for the CPU (on CUDA the run measures peak memory "
+                     "and uses CUDA events in one process)")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.clock == "cpu" and not separate:
+        parser.error("--clock cpu needs --separate-processes (one thread per process)")
     md.backend.check_device(args.device)
     started = time.perf_counter()
     model_names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -311,6 +427,7 @@ def main(argv=None):
     machine = machine_description(args.device, blas)
     settings = {"dtype": "float32", "optimizer": "SGD", "learning_rate": LEARNING_RATE,
                 "momentum": MOMENTUM, "warmup": warmup,
+                "mode": f"separate processes, {args.rounds} rounds" if separate else "interleaved",
                 "input": "random normal 3x32x32, random labels of 10 classes"}
     if args.device == "cuda":
         tf32 = not args.no_tf32
@@ -322,17 +439,22 @@ def main(argv=None):
             torch.backends.cudnn.benchmark = True
             settings.update(torch_matmul_tf32=tf32, torch_cudnn_tf32=tf32, torch_cudnn_benchmark=True)
     else:
-        settings["clock"] = "wall"
+        settings["clock"] = "process CPU time, 1 thread" if args.clock == "cpu" else "wall"
     print(f"minidense on {'NumPy' if args.device == 'cpu' else 'CuPy'} vs "
           + (f"PyTorch {torch.__version__} on {args.device}" if use_torch
              else "no PyTorch (not importable)" if torch is None else f"no PyTorch (this torch has no {args.device})"))
     print(f"{machine['cpu']}, {machine['cpu_count']} CPUs; NumPy {np.__version__}, "
           f"BLAS {blas.get('name')} {blas.get('version')} with {blas['threads']} thread(s)"
-          + (f"; torch set to {torch.get_num_threads()} to match" if use_torch else "")
+          + ("; each process set to 1 thread" if args.clock == "cpu" else
+             f"; torch set to {torch.get_num_threads()} to match" if use_torch else "")
           + (f"; GPU {machine['gpu']}, CuPy {machine['cupy']}" if args.device == "cuda" else ""))
+    how = (f"each framework in {args.rounds} fresh processes of its own per model" if separate
+           else "the frameworks taking turns in this process")
+    if args.clock == "cpu":
+        how += " (one thread each: BLAS and torch)"
     print(f"float32, training mode, SGD momentum {MOMENTUM}; {settings['clock']} time per step (forward, "
-          f"cross-entropy, zero_grad, backward, update), median of the interleaved timed steps after "
-          f"{warmup} warm-up; ratio = minidense / torch")
+          f"cross-entropy, zero_grad, backward, update), median of the timed steps after "
+          f"{warmup} warm-up, {how}; ratio = minidense / torch")
     if args.device == "cuda":
         print(f"TF32 {'on' if settings['minidense_tf32'] else 'off'} for both frameworks"
               + ("; torch cudnn.benchmark on" if use_torch else ""))
@@ -347,7 +469,12 @@ def main(argv=None):
                 print(f"  {name}, batch {batch_size}: skipped, past the {args.deadline:.0f} s deadline")
                 continue
             steps = args.steps or DEFAULT_STEPS[args.device].get(name, DEFAULT_STEPS_ELSEWHERE[args.device])
-            results.append(run_model(name, batch_size, args.device, use_torch, steps, warmup))
+            if separate:
+                results.append(run_model_separately(name, batch_size, use_torch, steps, warmup,
+                                                    args.rounds, 1 if args.clock == "cpu"
+                                                    else blas["threads"], args.clock))
+            else:
+                results.append(run_model(name, batch_size, args.device, use_torch, steps, warmup))
             # After every case, so that a run killed for time keeps the cases it finished.
             write_json_atomically(json_path, {"benchmark": "benchmarks/train_step.py", "partial": True,
                                               "machine": machine, "settings": settings,

@@ -10,8 +10,8 @@ from .autograd import Function, Tensor, as_tensor, enable_grad, is_grad_enabled,
 from .backend import cuda_available, manual_seed
 from .functions.array import as_tuple as _as_tuple
 from .functions import (
-    add, avg_pool2d, batch_norm, batch_norm_relu, concat, conv2d, cross_entropy, div, dropout, exp, flatten,
-    global_avg_pool2d, linear, log, matmul, max, max_pool2d, mean, mul, neg, pow, relu, reshape,
+    CONV_ALGORITHMS, add, avg_pool2d, batch_norm, batch_norm_relu, concat, conv2d, conv_algorithm,
+    cross_entropy, div, dropout, exp, flatten, global_avg_pool2d, linear, log, matmul, max, max_pool2d, mean, mul, neg, pow, relu, reshape,
     sigmoid, sqrt, sub, sum, tanh, transpose,
 )
 from .gradcheck import GradcheckError, gradcheck
@@ -22,6 +22,8 @@ from . import data, optim
 from .summary import summary
 from .viz import render_dot, to_dot
 from .io import load, save
+from .profiling import Profiler, profiler
+from . import workspace
 
 __version__ = "0.1.0"
 

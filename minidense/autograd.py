@@ -33,7 +33,7 @@ import weakref
 
 import numpy as np
 
-from . import backend
+from . import backend, profiling
 
 # ---------------------------------------------------------------------------
 # Grad mode
@@ -310,6 +310,9 @@ class Function:
         self.needs_input_grad = tuple(t.requires_grad for t in tensors)
         record = _grad_enabled and any(self.needs_input_grad)
         self.saved = ()
+        prof = profiling.active
+        if prof is not None:
+            start = prof.now()
         outputs = self.forward(*[t.data for t in tensors])
         single = not isinstance(outputs, tuple)
         if single:
@@ -329,6 +332,9 @@ class Function:
                     r.output_index = i
         else:
             self.saved = ()  # nothing will call backward: keep nothing
+        if prof is not None:
+            prof.record_forward(type(self).__name__, start,
+                                sum(a.nbytes for a in self.saved if backend.is_array(a)))
         return results[0] if single else tuple(results)
 
     def save_for_backward(self, *arrays):
@@ -435,7 +441,13 @@ def _call_backward(node: Function, grad_outputs, retain_graph: bool):
         xp = backend.get_array_module(next(g for g in grad_outputs if g is not None))
         grad_outputs = [g if g is not None else xp.zeros(shape, dtype)
                         for g, (shape, dtype) in zip(grad_outputs, node.output_meta)]
-    grad_inputs = node.backward(*grad_outputs)
+    prof = profiling.active
+    if prof is None:
+        grad_inputs = node.backward(*grad_outputs)
+    else:
+        start = prof.now()
+        grad_inputs = node.backward(*grad_outputs)
+        prof.record_backward(type(node).__name__, start)
     if not isinstance(grad_inputs, tuple):
         grad_inputs = (grad_inputs,)
     if len(grad_inputs) != len(node.next_edges):

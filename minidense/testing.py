@@ -72,6 +72,47 @@ def broadcastable_shapes(max_dims=3, max_side=4):
     return build()
 
 
+def conv2d_loops(x, w, b=None, stride=(1, 1), padding=(0, 0)):
+    """conv2d by its definition, the reference every algorithm is tested against:
+    ``y[n, o, i, j] = b[o] + sum over c, ky, kx of w[o, c, ky, kx] *
+    x[n, c, i*sy + ky - ph, j*sx + kx - pw]`` (x read as zero outside the image).
+    Plain loops over output pixels and taps; it shares no code with the ops."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    (sy, sx), (ph, pw) = stride, padding
+    oh, ow = (h + 2 * ph - kh) // sy + 1, (wd + 2 * pw - kw) // sx + 1
+    y = np.zeros((n, o, oh, ow), dtype=np.result_type(x, w))
+    for i in range(oh):
+        for j in range(ow):
+            for ky in range(kh):
+                for kx in range(kw):
+                    row, col = i * sy + ky - ph, j * sx + kx - pw
+                    if 0 <= row < h and 0 <= col < wd:   # else: a zero of the padding
+                        y[:, :, i, j] += x[:, :, row, col] @ w[:, :, ky, kx].T
+    if b is not None:
+        y += b.reshape(1, o, 1, 1)
+    return y
+
+
+def conv2d_loops_backward(x, w, gy, stride=(1, 1), padding=(0, 0)):
+    """(dx, dw) of ``conv2d_loops`` for the output gradient ``gy``, by the same loops:
+    every product ``w[o, c, ky, kx] * x[n, c, row, col]`` sends ``gy[n, o, i, j]`` times
+    the other factor to each factor's gradient."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    (sy, sx), (ph, pw) = stride, padding
+    gx, gw = np.zeros_like(x), np.zeros_like(w)
+    for i in range(gy.shape[2]):
+        for j in range(gy.shape[3]):
+            for ky in range(kh):
+                for kx in range(kw):
+                    row, col = i * sy + ky - ph, j * sx + kx - pw
+                    if 0 <= row < h and 0 <= col < wd:
+                        gx[:, :, row, col] += gy[:, :, i, j] @ w[:, :, ky, kx]
+                        gw[:, :, ky, kx] += gy[:, :, i, j].T @ x[:, :, row, col]
+    return gx, gw
+
+
 @dataclass
 class ConvCase:
     x: np.ndarray

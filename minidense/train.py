@@ -33,7 +33,8 @@ from minidense.training.trainer import Diverged, train
 EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 # Options that may change when resuming; any other must match the checkpoint.
-RESUMABLE_CHANGES = {"out", "resume", "device", "stop_after", "plot", "workers", "eval_every", "data"}
+RESUMABLE_CHANGES = {"out", "resume", "device", "stop_after", "plot", "workers", "eval_every", "data",
+                     "profile"}
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="under mpiexec: batch-norm statistics over every rank's batch (default "
                         "off: each rank's own, averaged before every evaluation and save)")
+    p.add_argument("--profile", type=int, metavar="N",
+                   help="profile the first N training steps: OUT/profile.txt (time, calls and "
+                        "memory kept per op) and OUT/profile-trace.json (for ui.perfetto.dev)")
     return p
 
 
@@ -119,7 +123,7 @@ def resolve_args(args: argparse.Namespace) -> dict:
 # Checking the options, before any data is read
 # ---------------------------------------------------------------------------
 AT_LEAST_ONE = ("epochs", "batch_size", "subset", "test_subset", "eval_every", "stop_after",
-                "workers")
+                "workers", "profile")
 
 
 def expected_epochs(settings: dict) -> int:
@@ -244,6 +248,7 @@ def resume_settings(saved: dict, given: dict, checkpoint_path: Path) -> dict:
     if "out" not in given:
         settings["out"] = str(checkpoint_path.parent)
     settings["stop_after"] = given.get("stop_after", 0)   # a stop point is for one session
+    settings["profile"] = given.get("profile", 0)         # and so is a profile
     settings.pop("resume", None)
     return settings
 

@@ -72,6 +72,7 @@ BAD_OPTIONS = [
     (["--model", "resnet_cifar", "--model-args", "depth=7"], "depth 6n + 2"),
     (["--subset", "10", "--batch-size", "16"], "--subset 10 is smaller than one batch"),
     (["--resume", "garbage.npz"], "--resume: there is no checkpoint at garbage.npz"),
+    (["--profile", "0"], "--profile must be at least 1, got 0"),
 ] + ([] if md.cuda_available() else [
     (["--device", "cuda"], "--device cuda: device 'cuda' was requested but"),
 ])

@@ -1,8 +1,8 @@
 """Every path of conv2d (minidense/functions/connection.py) on NumPy.
 
-conv2d picks, by channel counts, which side of its matrix products to expand
-(output shifts or im2col forward; the output gradient or x backward) and lays the
-patches out on TapGrid phase grids; CuPy uses the im2col/col2im gather path.  Each
+The phase-grid algorithm (conv_phase_grid.py) picks, by channel counts, which side
+of its matrix products to expand (output shifts or im2col forward; the output
+gradient or x backward); the im2col algorithm is the textbook path (CuPy's default).  Each
 path is forced here on small float64 inputs and checked against naive loops
 (forward) and finite differences (backward), for strides 1 to 3, padding 0 to 2,
 square and non-square kernels and images, batch 1, and in > out and in < out.
@@ -34,14 +34,14 @@ CASES = [
 ]
 CASE_IDS = [f"x{c[0]}-w{c[1]}-s{c[2]}-p{c[3]}" + ("-bias" if c[4] else "") for c in CASES]
 
-# (layout, forward_expands, backward_expands); None = the automatic choice.
+# (algorithm, forward_expands, backward_expands); None = the automatic choice.
 PATHS = [
     (None, None, None),
-    ("grid", "output", "gy"),
-    ("grid", "input", "x"),
-    ("grid", "output", "x"),
-    ("grid", "input", "gy"),
-    ("gather", None, None),
+    ("phase_grid", "output", "gy"),
+    ("phase_grid", "input", "x"),
+    ("phase_grid", "output", "x"),
+    ("phase_grid", "input", "gy"),
+    ("im2col", None, None),
 ]
 PATH_IDS = ["-".join(str(part) for part in path) for path in PATHS]
 
@@ -50,7 +50,7 @@ def conv_on_path(path, stride, padding):
     """conv2d as a function of (x, w[, b]) that always takes ``path``."""
     def conv(*inputs):
         op = Conv2d(stride, padding)
-        op.layout, op.forward_expands, op.backward_expands = path
+        op.algorithm, op.forward_expands, op.backward_expands = path
         return op(*inputs)
     return conv
 
@@ -136,9 +136,9 @@ def test_float32_stays_float32(path):
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_random_geometries_agree_with_naive_loops_and_the_gather_path():
+def test_random_geometries_agree_with_naive_loops_and_the_im2col_path():
     """Many random kernel/stride/padding/image geometries: every grid path's output
-    against naive loops, and its gradients against the gather path (im2col/col2im,
+    against naive loops, and its gradients against the im2col path (im2col/col2im,
     checked against finite differences above)."""
     rng = np.random.default_rng(7)
     checked = 0
@@ -153,13 +153,13 @@ def test_random_geometries_agree_with_naive_loops_and_the_gather_path():
         expected = naive_conv2d(x, weight, None, (sy, sx), (ph, pw))
         gy = rng.standard_normal(expected.shape)
         grads = {}
-        for path in [p for p in PATHS if p[0] != "grid"] + [p for p in PATHS if p[0] == "grid"]:
+        for path in [p for p in PATHS if p[0] != "phase_grid"] + [p for p in PATHS if p[0] == "phase_grid"]:
             inputs = [md.tensor(x, requires_grad=True), md.tensor(weight, requires_grad=True)]
             y = conv_on_path(path, (sy, sx), (ph, pw))(*inputs)
             np.testing.assert_allclose(y.numpy(), expected, rtol=1e-10, atol=1e-12)
             y.backward(gy)
             grads[path] = [t.grad.numpy() for t in inputs]
-        reference = grads[("gather", None, None)]
+        reference = grads[("im2col", None, None)]
         for path, (gx, gw) in grads.items():
             np.testing.assert_allclose(gx, reference[0], rtol=1e-10, atol=1e-12, err_msg=str(path))
             np.testing.assert_allclose(gw, reference[1], rtol=1e-10, atol=1e-12, err_msg=str(path))
@@ -168,11 +168,11 @@ def test_random_geometries_agree_with_naive_loops_and_the_gather_path():
 
 def test_large_temporaries_are_not_kept(monkeypatch):
     """Above the keep limit conv2d still works, with fresh temporaries."""
-    from minidense.functions import _utils
-    monkeypatch.setattr(_utils, "SCRATCH_KEEP_LIMIT", 0)
+    from minidense import workspace
+    monkeypatch.setattr(workspace, "KEEP_LIMIT", 0)
     case = CASES[0]
     x, w, b = make_inputs(case)
     y = conv_on_path((None, None, None), case[2], case[3])(md.tensor(x), md.tensor(w), md.tensor(b))
     np.testing.assert_allclose(y.numpy(), naive_conv2d(x, w, b, pairs(case[2]), pairs(case[3])),
                                rtol=1e-10, atol=1e-12)
-    assert _utils.scratch(np, "unkept", (4, 5), np.float32).base is None
+    assert workspace.get("unkept", (4, 5), np.float32, like=np.zeros(1)).base is None

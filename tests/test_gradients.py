@@ -163,6 +163,32 @@ def test_batch_norm(data, training):
     assert md.gradcheck(fn, T(x, gamma, beta))
 
 
+@pytest.mark.parametrize("fn", [md.batch_norm, md.batch_norm_relu], ids=["bn", "bn_relu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_in_pieces_of_the_batch_agrees_with_one_piece(fn, training, monkeypatch):
+    """On NumPy, batch norm works through the batch a few images at a time (in cache):
+    one image per piece gives what one piece for the whole batch gives, and batch norm
+    in pieces passes the gradient check."""
+    from minidense.functions import normalization
+    rng = np.random.default_rng(3)
+    x, gy = rng.standard_normal((5, 3, 4, 4)), rng.standard_normal((5, 3, 4, 4))
+    gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
+    stats = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+
+    def run():
+        inputs = T(x, gamma, beta)
+        y = fn(*inputs, stats[0].copy(), stats[1].copy(), training=training)
+        y.backward(gy)
+        return [y.numpy()] + [t.grad.numpy() for t in inputs]
+    whole = run()
+    monkeypatch.setattr(normalization, "PIECE_BYTES", 1)   # one image per piece
+    for got, want in zip(run(), whole):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+    if fn is md.batch_norm:
+        assert md.gradcheck(lambda *a: fn(*a, stats[0].copy(), stats[1].copy(), training=training),
+                            T(x, gamma, beta))
+
+
 @given(case=pool_cases())
 def test_max_pool2d(case):
     fn = lambda x: md.max_pool2d(x, case.kernel, case.stride, case.padding)  # noqa: E731

@@ -5,7 +5,7 @@ from .. import backend
 from ..autograd import Tensor, _check_same_device
 from .activation import relu, sigmoid, tanh
 from .array import concat, flatten, getitem, reshape, to_device_and_dtype, transpose
-from .connection import conv2d, linear
+from .connection import CONV_ALGORITHMS, conv2d, conv_algorithm, linear
 from .loss import cross_entropy, log_softmax_array
 from .math import add, div, exp, log, matmul, max, mean, mul, neg, pow, sqrt, sub, sum
 from .noise import dropout

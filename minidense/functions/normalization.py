@@ -76,12 +76,19 @@ class BatchNorm(Function):
                 x, mean.astype(x.dtype, copy=False).reshape(bshape), inv_std.reshape(bshape),
                 gamma.reshape(bshape), beta.reshape(bshape), self.relu, x_hat, y)
         else:
-            x_hat = centred                      # a fresh array: normalise it in place
-            x_hat *= inv_std.reshape(bshape)
-            y = x_hat * gamma.reshape(bshape)
-            y += beta.reshape(bshape)
-            if self.relu:
-                xp.maximum(y, 0, out=y)
+            x_hat = centred                      # a fresh array: normalised in place
+            y = xp.empty(x_hat.shape, dtype=np.result_type(x_hat, gamma, beta))
+            inv_std_b = inv_std.reshape(bshape)
+            gamma_b, beta_b = gamma.reshape(bshape), beta.reshape(bshape)
+            # Image by image (a few at a time): x_hat, y and the ReLU while the piece is
+            # in cache, one pass over memory instead of four.
+            for part in _pieces(x_hat):
+                x_hat[part] *= inv_std_b
+                y_part = y[part]
+                xp.multiply(x_hat[part], gamma_b, out=y_part)
+                y_part += beta_b
+                if self.relu:
+                    xp.maximum(y_part, 0, out=y_part)
         self.save_for_backward(x_hat, inv_std, gamma, *((beta,) if self.relu else ()))
         return y
 
@@ -108,20 +115,33 @@ class BatchNorm(Function):
                 gy, x_hat, *per_channel, scale, mean_gy.reshape(bshape), neg_mean_gxh.reshape(bshape),
                 self.relu, gx)
             return gx, ggamma, gbeta
-        if self.relu:  # the ReLU's mask, from the forward's own expression
-            gy = gy * (x_hat * gamma.reshape(bshape) + rest[0].reshape(bshape) > 0)
-        gbeta = _channel_sum(gy)
-        ggamma = _channel_dot(gy, x_hat)
+        # Piece by piece (a few images at a time, in cache): the ReLU's mask, recomputed
+        # from the forward's own expression, then the two per-channel sums, added up in
+        # piece order; and below, gx in one pass.
+        gx = np.empty(gy.shape, dtype=np.result_type(gy, x_hat, scale))   # first: the masked gy
+        gbeta = ggamma = 0
+        for part in _pieces(gy):
+            g = gy[part]
+            if self.relu:
+                g = np.multiply(g, x_hat[part] * gamma.reshape(bshape) + rest[0].reshape(bshape) > 0,
+                                out=gx[part])
+            gbeta = gbeta + _channel_sum(g)
+            ggamma = ggamma + _channel_dot(g, x_hat[part])
+        if self.relu:
+            gy = gx
         if self.training:
             # d/dx of the batch statistics: remove the mean and the x_hat component,
-            # gx = scale * (gy - gbeta/count - x_hat * ggamma/count), in place on one array.
+            # gx = scale * (gy - gbeta/count - x_hat * ggamma/count).
             sum_gy, sum_gy_x_hat = self.statistics_gradient_sums(gbeta, ggamma)
-            gx = x_hat * (-sum_gy_x_hat / count).reshape(bshape)
-            gx += gy
-            gx -= (sum_gy / count).reshape(bshape)
-            gx *= scale
+            k_x_hat = (-sum_gy_x_hat / count).reshape(bshape)
+            k_gy = (sum_gy / count).reshape(bshape)
+            for part in _pieces(gy):
+                out = gx[part]
+                g = gy[part] - k_gy if not self.relu else np.subtract(gy[part], k_gy, out=out)
+                np.add(np.multiply(x_hat[part], k_x_hat), g, out=out)
+                out *= scale
         else:
-            gx = gy * scale
+            np.multiply(gy, scale, out=gx)
         return gx, ggamma, gbeta
 
     def batch_statistics(self, x, bshape, fused):
@@ -147,6 +167,17 @@ class BatchNormReLU(BatchNorm):
     Keeps: what BatchNorm keeps, and beta; no ReLU output."""
 
     relu = True
+
+
+PIECE_BYTES = 1 << 19   # pieces of the batch that the passes of batch norm share in cache
+
+
+def _pieces(x):
+    """Slices of axis 0 (the batch) of about PIECE_BYTES each; they depend on the shape
+    alone, so the sums over pieces are the same from run to run."""
+    per_image = max(x[:1].nbytes, 1)
+    step = max(1, PIECE_BYTES // per_image)
+    return [slice(start, start + step) for start in range(0, x.shape[0], step)]
 
 
 def _zeros_like(a):

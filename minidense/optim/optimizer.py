@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import backend, profiling
 from ..autograd import Tensor
 
 
@@ -53,10 +53,11 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.update(p, p.grad.data, self.state.setdefault(id(p), {}), group)
+        with profiling.region(f"{type(self).__name__}.step", "optimizer", own_row=True):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.update(p, p.grad.data, self.state.setdefault(id(p), {}), group)
 
     def update(self, p, grad, state, group):
         raise NotImplementedError

@@ -27,7 +27,8 @@ RECIPES = {
 DEFAULTS = dict(model="resnet20", model_args="", epochs=30, batch_size=128, lr=0.1, momentum=0.9,
                 nesterov=False, wd=1e-4, optimizer="sgd", schedule="cosine", milestones="0.5,0.75",
                 gamma=0.1, warmup=0.0, device="auto", seed=0, subset=0, test_subset=0,
-                augment=True, eval_every=1, workers=0, stop_after=0, plot=True, sync_bn=False)
+                augment=True, eval_every=1, workers=0, stop_after=0, plot=True, sync_bn=False,
+                profile=0)
 DEMO_EPOCHS = 10  # the offline digits demo, when --epochs is not given (about 94% test accuracy)
 CPU_EPOCHS = 5    # CIFAR-10 on a CPU, when --epochs is not given: ~75% in about half an hour on 2 cores
 

@@ -187,6 +187,10 @@ class TrainingRun:
         self.partial = dict(loss_sum=0.0, correct=0, seen=0, train_time=0.0)
         self.last_finite_loss = math.nan   # for the message of a diverged run
         self.stopping = False   # a stop that every rank has agreed on
+        # --profile N: the first N steps of this session, recorded by one profiler.
+        self.profile_steps = settings.get("profile") or 0
+        self.profiler = md.profiler() if self.profile_steps else None
+        self.profiled_steps = 0
 
     # -- checkpoints -----------------------------------------------------------
     def state(self, epoch, step, sums=None, train_time=0.0) -> dict:
@@ -285,29 +289,30 @@ class TrainingRun:
         check_on_host = self.device == "cpu"
         with contextlib.closing(self.train_loader.iterate(epoch, first_step)) as batches:
             for images, labels in batches:
-                md.manual_seed(step_seed(self.seed, epoch, step, comm.rank))   # dropout masks
-                logits = model(images)
-                loss = md.cross_entropy(logits, labels)
-                if check_on_host:
-                    value = float(loss.data)
-                    bad = 0.0 if math.isfinite(value) else 1.0
-                else:
-                    bad = (~xp.isfinite(loss.data)).astype(xp.float32) if comm.size > 1 else 0.0
-                optimizer.zero_grad()
-                loss.backward()
-                # One allreduce: the gradients and BN statistics averaged over the ranks,
-                # and the marks summed, so that every rank stops at the same step.
-                stop, bad = comm.average_gradients(parameters, buffers,
-                                                   flags=(float(interrupt.requested), bad))
-                self.stopping = self.stopping or stop > 0
-                interrupt.announce()
-                if bad:
-                    self.diverged(epoch, step + 1, "the loss is not finite" if comm.size > 1
-                                  else f"the loss is {value}")
-                if check_on_host:
-                    self.last_finite_loss = value
-                optimizer.step()
-                scheduler.step()
+                with self.profiled_step(epoch, step):
+                    md.manual_seed(step_seed(self.seed, epoch, step, comm.rank))   # dropout masks
+                    logits = model(images)
+                    loss = md.cross_entropy(logits, labels)
+                    if check_on_host:
+                        value = float(loss.data)
+                        bad = 0.0 if math.isfinite(value) else 1.0
+                    else:
+                        bad = (~xp.isfinite(loss.data)).astype(xp.float32) if comm.size > 1 else 0.0
+                    optimizer.zero_grad()
+                    loss.backward()
+                    # One allreduce: the gradients and BN statistics averaged over the ranks,
+                    # and the marks summed, so that every rank stops at the same step.
+                    stop, bad = comm.average_gradients(parameters, buffers,
+                                                       flags=(float(interrupt.requested), bad))
+                    self.stopping = self.stopping or stop > 0
+                    interrupt.announce()
+                    if bad:
+                        self.diverged(epoch, step + 1, "the loss is not finite" if comm.size > 1
+                                      else f"the loss is {value}")
+                    if check_on_host:
+                        self.last_finite_loss = value
+                    optimizer.step()
+                    scheduler.step()
                 sums.add(loss, logits, labels)
                 del logits, loss
                 step += 1
@@ -335,6 +340,33 @@ class TrainingRun:
         if bar is not None:
             bar.close()
         return sums, time_before + time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def profiled_step(self, epoch, step):
+        """The body of one training step, recorded while --profile wants more steps;
+        the table and the trace are written once it has them all (or the run ends)."""
+        if self.profiler is None or self.profiled_steps >= self.profile_steps:
+            yield
+            return
+        with self.profiler, self.profiler.region(f"epoch {epoch + 1} step {step + 1}", "step"):
+            yield
+        self.profiled_steps += 1
+        if self.profiled_steps == self.profile_steps:
+            self.write_profile()
+
+    def write_profile(self) -> None:
+        """profile.txt (the table) and profile-trace.json (for Perfetto or
+        chrome://tracing) in the output folder; rank 0's steps under mpiexec."""
+        if self.profiler is None or not self.profiled_steps or not self.comm.is_main:
+            return
+        table = self.profiler.table()
+        (self.out / "profile.txt").write_text(
+            f"{self.settings['model']}, batch {self.settings['batch_size']} on {self.device}, "
+            f"{self.profiled_steps} training steps\n{table}\n")
+        self.profiler.export_chrome_trace(self.out / "profile-trace.json")
+        self.log(f"profile of {self.profiled_steps} steps: {self.out / 'profile.txt'} and "
+                 f"{self.out / 'profile-trace.json'} (open it in https://ui.perfetto.dev)")
+        self.profiler = None   # written once
 
     def should_stop(self, interrupt, at_epoch_end=False) -> bool:
         """Ctrl-C or SIGTERM: with several ranks only once every rank knows (through the
@@ -421,6 +453,7 @@ class TrainingRun:
                 f"{format_duration(row['train_time_s'] + row['eval_time_s'])}")
 
     def result(self, status) -> dict:
+        self.write_profile()   # a run shorter than --profile steps: what it has
         return {"status": status, "history": self.history, "out": self.out}
 
 
