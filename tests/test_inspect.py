@@ -130,15 +130,23 @@ def test_to_dot_shows_every_op_its_shapes_and_what_it_keeps():
     y = layer(x)
     dot = md.to_dot(y, names=dict(layer.named_parameters()))
     n_nodes, n_leaves = count_nodes_recursively(y)
-    assert len(boxes(dot)) == n_nodes == 6
+    assert len(boxes(dot)) == n_nodes == 4   # BN-ReLU, conv, BN-ReLU, conv
     ellipses = [line for line in dot.splitlines() if "shape=ellipse" in line]
     assert len(ellipses) == n_leaves + 1  # and the output
     assert dot.count(" -> ") == sum(e is not None for node in _nodes(y) for e in node.next_edges) + 1
-    for op in ("BatchNorm", "ReLU", "Conv2d"):
+    for op in ("BatchNormReLU", "Conv2d"):
         assert any(line.split('label="')[1].startswith(op) for line in boxes(dot))
-    # The 3x3 conv keeps its input (the ReLU's output, kept by the ReLU too) and its weight.
+    # The 3x3 conv keeps its input and its weight; the fused BN-ReLU keeps no ReLU output,
+    # so no array is shared between two ops here.
     conv2 = next(line for line in boxes(dot) if "out: (2, 4, 5, 5)" in line)
-    assert "keeps: (2, 16, 5, 5) float32 [A]" in conv2 and "keeps: (4, 16, 3, 3) float32 = conv2.weight" in conv2
+    assert "keeps: (2, 16, 5, 5) float32\\n" in conv2 and "keeps: (4, 16, 3, 3) float32 = conv2.weight" in conv2
+    assert "[A]" not in dot
+    # An unfused ReLU keeps its output and the conv after it keeps the same array: marked.
+    w = md.randn(4, 16, 3, 3, requires_grad=True)
+    shared = md.to_dot(md.conv2d(md.relu(md.randn(2, 16, 5, 5, requires_grad=True)), w, padding=1))
+    conv = next(line for line in boxes(shared) if line.split('label="')[1].startswith("Conv2d"))
+    relu = next(line for line in boxes(shared) if line.split('label="')[1].startswith("ReLU"))
+    assert "keeps: (2, 16, 5, 5) float32 [A]" in conv and "keeps: (2, 16, 5, 5) float32 [A]" in relu
     assert "conv1.weight\\nParameter (16, 6, 1, 1) float32" in dot
     assert dot.startswith("digraph") and dot.rstrip().endswith("}")
 

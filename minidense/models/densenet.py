@@ -44,10 +44,10 @@ from .network import StagedNetwork, imagenet_stem
 
 def composite(in_channels, out_channels, kernel_size, drop_rate, index=""):
     """BN-ReLU-Conv (with dropout after it when ``drop_rate`` > 0), as (name, module)
-    pairs.  Convolutions have no bias: the BN that follows supplies the shift."""
+    pairs.  Convolutions have no bias: the BN that follows supplies the shift.  BN and
+    ReLU are one fused op (``norm``; no ``relu`` module); the state dict is unchanged."""
     layers = [
-        (f"norm{index}", nn.BatchNorm2d(in_channels)),
-        (f"relu{index}", nn.ReLU()),
+        (f"norm{index}", nn.BatchNormReLU2d(in_channels)),
         (f"conv{index}", nn.Conv2d(in_channels, out_channels, kernel_size,
                                    padding=kernel_size // 2, bias=False)),
     ]
@@ -73,7 +73,7 @@ class DenseLayer(nn.Sequential):
         # The recomputed segment: everything before the last convolution.  Cutting right
         # after conv1 (torchvision's segment) would keep BN2's x_hat besides ReLU2's output:
         # 8k channels per layer instead of 4k, for little compute (BN-ReLU on 4k channels).
-        self.num_recomputed = len(first) + (2 if bottleneck else 0)
+        self.num_recomputed = len(first) + (1 if bottleneck else 0)
 
     def segment(self, x):
         """BN-ReLU-Conv (with dropout) on the concatenation, and BN-ReLU in -B."""
@@ -84,8 +84,8 @@ class DenseLayer(nn.Sequential):
     def forward(self, x):
         modules = list(self._modules.values())
         if self.memory_efficient:
-            # THE MEMORY SAVING: BN1's x_hat and ReLU1's output (each as wide as the
-            # concatenation) and BN2's x_hat are not kept; only x, a view of the block
+            # THE MEMORY SAVING: BN-ReLU1's x_hat (as wide as the concatenation), conv1's
+            # input and BN-ReLU2's x_hat are not kept; only x, a view of the block
             # storage, is, and the segment's output that the last conv keeps.
             params = [p for m in modules[:self.num_recomputed] for p in m.parameters()]
             x = recompute(self.segment, x, params=params,

@@ -1,9 +1,10 @@
 """Neural-network building blocks: ``Module``, ``Parameter`` and the layers."""
 from . import init
-from .layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Identity,
+from .layers import (AvgPool2d, BatchNorm2d, BatchNormReLU2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Identity,
                      Linear, MaxPool2d, ModuleList, ReLU, Sequential)
 from .module import Module, Parameter
 
-__all__ = ["Module", "Parameter", "Sequential", "ModuleList", "Conv2d", "BatchNorm2d", "Linear",
+__all__ = ["Module", "Parameter", "Sequential", "ModuleList", "Conv2d", "BatchNorm2d",
+           "BatchNormReLU2d", "Linear",
            "ReLU", "AvgPool2d", "MaxPool2d", "GlobalAvgPool2d", "Dropout", "Identity", "Flatten",
            "init"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 
 from ..autograd import Tensor
-from ..functions import (avg_pool2d, batch_norm, conv2d, dropout, global_avg_pool2d, linear,
-                         max_pool2d, relu)
+from ..functions import (avg_pool2d, batch_norm, batch_norm_relu, conv2d, dropout,
+                         global_avg_pool2d, linear, max_pool2d, relu)
 from ..functions._utils import pair
 from . import init
 from .module import Module, Parameter
@@ -49,6 +49,16 @@ class BatchNorm2d(Module):
 
     def extra_repr(self):
         return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
+
+
+class BatchNormReLU2d(BatchNorm2d):
+    """BatchNorm2d then ReLU as one op (md.batch_norm_relu): fewer passes over memory and
+    no ReLU output kept.  Its parameters and buffers are BatchNorm2d's, under the same
+    names, so a model that fuses them loads the same state dicts as one that does not."""
+
+    def forward(self, x):
+        return batch_norm_relu(x, self.weight, self.bias, self.running_mean, self.running_var,
+                               training=self.training, momentum=self.momentum, eps=self.eps)
 
 
 class Linear(Module):
