@@ -349,6 +349,9 @@ def main(argv=None):
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: process CPU time, with --threads 1 a measure that ignores time spent "
                              "waiting for a core that other programs hold (CPU only)")
+    parser.add_argument("--conv-algorithm", choices=md.CONV_ALGORITHMS, default=None,
+                        help="minidense's conv2d algorithm (default: the device's, "
+                             "md.functions.connection.default_conv_algorithm)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 15)
     warmup = 1 if args.quick else 2
@@ -378,13 +381,16 @@ def main(argv=None):
     cases = [c for c in CASES if args.only is None or args.only in c[0]]
     load_before = os.getloadavg()
     results = []
-    for case in cases:
-        results.append(run_case(case, frameworks, repeats, warmup, clock))
+    with md.conv_algorithm(args.conv_algorithm):
+        for case in cases:
+            results.append(run_case(case, frameworks, repeats, warmup, clock))
     print_table(results, use_torch)
     name = f"ops-{args.device}" + (f"-{args.threads}thread" if args.threads else "") + (
-        "-cputime" if args.clock == "cpu" else "")
+        "-cputime" if args.clock == "cpu" else "") + (
+        f"-{args.conv_algorithm}" if args.conv_algorithm else "")
     finish_run("benchmarks/ops.py", machine,
-               {"repeats": repeats, "warmup": warmup, "dtype": "float32", "clock": args.clock},
+               {"repeats": repeats, "warmup": warmup, "dtype": "float32", "clock": args.clock,
+                "conv_algorithm": args.conv_algorithm},
                load_before, results, args.json or RESULTS_DIR / f"{name}.json")
 
 

@@ -44,6 +44,47 @@ def test_every_algorithm_matches_the_naive_loops(algorithm, case, seed):
                                    err_msg=f"{algorithm}: {name} in float32")
 
 
+@st.composite
+def winograd_cases(draw):
+    """Stride-1 3x3 convolutions, the ones Winograd F(2x2, 3x3) computes: odd and even
+    output sides (a partial last tile), padding 0-3 (beyond 2, its input gradient crops)."""
+    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    h, w = draw(st.integers(max(1, 3 - 2 * ph), 9)), draw(st.integers(max(1, 3 - 2 * pw), 9))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    return (rng.uniform(-2, 2, (n, c, h, w)), rng.uniform(-1, 1, (o, c, 3, 3)), (ph, pw),
+            rng.standard_normal((n, o, h + 2 * ph - 2, w + 2 * pw - 2)))
+
+
+@given(case=winograd_cases())
+def test_winograd_matches_the_naive_loops_within_the_issue_tolerances(case):
+    """Issue 12's tolerances: float64 within 1e-10 relative of the direct path; float32
+    within 1e-4 relative of the float64 direct result (relative to the largest value)."""
+    x, w, padding, gy = case
+    want = [conv2d_loops(x, w, None, (1, 1), padding)]
+    want += conv2d_loops_backward(x, w, gy, (1, 1), padding)
+    for dtype, rtol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        xt, wt = md.tensor(x.astype(dtype), requires_grad=True), md.tensor(w.astype(dtype), requires_grad=True)
+        with md.conv_algorithm("winograd"):
+            y = md.conv2d(xt, wt, padding=padding)
+        assert y.grad_fn.algorithm == "winograd"   # taken, not fallen back from
+        y.backward(gy.astype(dtype))
+        for name, got, ref in zip(("y", "gx", "gw"), (y.numpy(), xt.grad.numpy(), wt.grad.numpy()), want):
+            assert got.dtype == dtype
+            np.testing.assert_allclose(got, ref, rtol=0, atol=rtol * np.abs(ref).max(),
+                                       err_msg=f"winograd {name} in {dtype.__name__}")
+
+
+def test_winograd_leaves_other_convolutions_to_the_default():
+    w = md.randn(3, 2, 3, 3)
+    with md.conv_algorithm("winograd"):
+        y = md.conv2d(md.randn(1, 2, 6, 6, requires_grad=True), w, stride=2, padding=1)
+        z = md.conv2d(md.randn(1, 2, 6, 6, requires_grad=True), md.randn(3, 2, 1, 1))
+        v = md.conv2d(md.randn(1, 2, 6, 6, requires_grad=True), w, padding=1)
+    assert (y.grad_fn.algorithm, z.grad_fn.algorithm, v.grad_fn.algorithm) == (
+        "phase_grid", "phase_grid", "winograd")
+
+
 def test_a_model_trains_on_the_textbook_path_with_the_same_numbers():
     """One SGD step of a small DenseNet in float64: im2col and the default give the same
     loss and weights (to rounding)."""
@@ -75,7 +116,7 @@ def test_conv_algorithm_nests_restores_and_refuses_unknown_names():
             assert connection._algorithm[0] == "phase_grid"
         assert connection._algorithm[0] == "im2col"
     assert connection._algorithm[0] is None
-    with pytest.raises(ValueError, match="unknown algorithm 'fft'; expected one of im2col, phase_grid"):
+    with pytest.raises(ValueError, match="unknown algorithm 'fft'; expected one of im2col, phase_grid, winograd"):
         with md.conv_algorithm("fft"):
             pass
     assert md.conv2d(x, w, padding=1).shape == (1, 1, 3, 3)

@@ -6,11 +6,12 @@ import contextlib
 from .. import backend
 from ..autograd import Function
 from . import conv_phase_grid as phase_grid
+from . import conv_winograd as winograd
 from ._utils import col2im, expect_ndim, im2col, output_size, pair
 
 
 # The algorithms conv2d can use, the basic one first; ``conv_algorithm`` chooses.
-CONV_ALGORITHMS = ("im2col", "phase_grid")
+CONV_ALGORITHMS = ("im2col", "phase_grid", "winograd")
 _algorithm = [None]   # the choice of the innermost ``conv_algorithm`` block; None: per device
 
 
@@ -58,7 +59,8 @@ class Conv2d(Function):
     ``conv_algorithm`` chooses the algorithm; by default it is chosen per device
     (``default_conv_algorithm``): on CuPy im2col and col2im are the gather kernels of
     ``backend``; on NumPy, conv2d takes an optimization of the same products, the
-    phase grids of ``conv_phase_grid.py``.
+    phase grids of ``conv_phase_grid.py``.  ``conv_winograd.py`` is a third algorithm,
+    for stride-1 3x3 kernels on NumPy (others fall back to the device's default).
     """
 
     # Set on an instance to force a path (tests do): the algorithm, and which side of
@@ -89,7 +91,13 @@ class Conv2d(Function):
         self.save_for_backward(x, w)
         # Fixed now, so that backward takes the same algorithm wherever it runs.
         self.algorithm = self.algorithm or _algorithm[0] or default_conv_algorithm(x)
-        if self.algorithm == "im2col":
+        if self.algorithm == "winograd" and not (winograd.applies((kh, kw), self.stride)
+                                                 and backend.device_of(x) == "cpu"):
+            # Winograd covers stride-1 3x3 kernels on NumPy; others take the device's default.
+            self.algorithm = "phase_grid" if backend.device_of(x) == "cpu" else "im2col"
+        if self.algorithm == "winograd":
+            y = winograd.forward(x, w, self.padding)
+        elif self.algorithm == "im2col":
             y = self._forward_im2col(x, w)
         elif phase_grid.is_pointwise((kh, kw), self.stride, self.padding):
             y = phase_grid.forward_pointwise(x, w)
@@ -102,7 +110,9 @@ class Conv2d(Function):
     def backward(self, gy):
         x, w = self.saved
         want_gx, want_gw = self.needs_input_grad[:2]
-        if self.algorithm == "im2col":
+        if self.algorithm == "winograd":
+            gx, gw = winograd.backward(x, w, gy, self.padding, want_gx, want_gw)
+        elif self.algorithm == "im2col":
             gx, gw = self._backward_im2col(x, w, gy, want_gx, want_gw)
         elif phase_grid.is_pointwise(w.shape[2:], self.stride, self.padding):
             gx, gw = phase_grid.backward_pointwise(x, w, gy, want_gx, want_gw)
