@@ -32,7 +32,7 @@ import numpy as np
 
 from . import backend
 from .functions.normalization import BatchNorm, _channel_dot, _channel_sum, _reduce
-from .nn.layers import BatchNorm2d
+from .nn.layers import BatchNorm2d, BatchNormReLU2d
 
 # (rank, size) variables that MPI launchers set: Open MPI, MPICH/Hydra and Intel MPI
 # (PMI), PMIx, MVAPICH.  They are read before MPI starts, so that a bad option is
@@ -268,9 +268,17 @@ class SyncBatchNormFunction(BatchNorm):
         return both[:c], both[c:]
 
 
+class SyncBatchNormReLUFunction(SyncBatchNormFunction):
+    """relu(SyncBatchNormFunction(x)) in the same passes, as BatchNormReLU is BatchNorm's."""
+
+    relu = True
+
+
 class SyncBatchNorm2d(BatchNorm2d):
     """``BatchNorm2d`` with the statistics of the global batch in training mode; the
     same parameters and buffers under the same names.  ``comm``: the communicator."""
+
+    function = SyncBatchNormFunction
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, comm=None):
         super().__init__(num_features, momentum, eps)
@@ -279,20 +287,31 @@ class SyncBatchNorm2d(BatchNorm2d):
     def forward(self, x):
         if not self.training or self.comm.size == 1:
             return super().forward(x)
-        return SyncBatchNormFunction(self.comm, self.running_mean.data, self.running_var.data,
-                                     True, self.momentum, self.eps)(x, self.weight, self.bias)
+        return self.function(self.comm, self.running_mean.data, self.running_var.data,
+                             True, self.momentum, self.eps)(x, self.weight, self.bias)
+
+
+class SyncBatchNormReLU2d(SyncBatchNorm2d, BatchNormReLU2d):
+    """``BatchNormReLU2d`` (the models' fused BN-ReLU) with global-batch statistics."""
+
+    function = SyncBatchNormReLUFunction
+
+
+_SYNCED = {BatchNorm2d: SyncBatchNorm2d, BatchNormReLU2d: SyncBatchNormReLU2d}
 
 
 def sync_batchnorm(module, comm: Communicator):
-    """Turn every ``BatchNorm2d`` of ``module`` into a ``SyncBatchNorm2d`` over ``comm``,
-    in place (the names of parameters and buffers do not change); returns ``module``."""
+    """Turn every ``BatchNorm2d`` (fused with a ReLU or not) of ``module`` into a
+    ``SyncBatchNorm2d`` over ``comm``, in place (the names of parameters and buffers do not
+    change); returns ``module``."""
     for sub in module.modules():
-        if type(sub) is BatchNorm2d:
-            sub.__class__ = SyncBatchNorm2d
+        if type(sub) in _SYNCED:
+            sub.__class__ = _SYNCED[type(sub)]
             sub.comm = comm
     return module
 
 
 __all__ = ["init", "Communicator", "SingleProcess", "MPICommunicator",
            "DistributedError", "launcher_rank_and_size", "is_main_process", "SyncBatchNorm2d",
+           "SyncBatchNormReLU2d",
            "sync_batchnorm"]

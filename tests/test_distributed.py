@@ -92,6 +92,32 @@ def test_sync_batchnorm_keeps_the_state_dict_names():
         sum(name.endswith("running_var") for name in names)
 
 
+class TwoRanksWithTheSameBatch(distributed.Communicator):
+    """Two ranks that both hold this batch: the global statistics are the local ones."""
+    size = 2
+
+    def allreduce(self, array):
+        array *= 2
+        return array
+
+
+def test_sync_batchnorm_converts_the_fused_bn_relu_and_keeps_its_relu():
+    md.manual_seed(0)
+    model = md.models.get("resnet20")
+    fused = [name for name, m in model.named_modules() if type(m) is md.nn.BatchNormReLU2d]
+    assert fused   # the ResNet blocks' BN-ReLU
+    distributed.sync_batchnorm(model, TwoRanksWithTheSameBatch())
+    modules = dict(model.named_modules())
+    assert all(type(modules[name]) is distributed.SyncBatchNormReLU2d for name in fused)
+    bn = modules[fused[0]]
+    x = md.randn(4, bn.num_features, 3, 3)
+    y = bn(x)
+    assert type(y.grad_fn) is distributed.SyncBatchNormReLUFunction
+    want = md.relu(md.batch_norm(x, bn.weight, bn.bias))
+    np.testing.assert_allclose(y.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    assert (y.numpy() == 0).any()
+
+
 def test_loader_shards_split_each_global_batch_in_order():
     dataset = md.data.ImageDataset(np.arange(40, dtype=np.uint8).reshape(10, 2, 2, 1).repeat(3, 3),
                                    np.arange(10) % 3, ["a", "b", "c"])
