@@ -201,7 +201,7 @@ def test_sync_bn_command_matches_one_process(tmp_path):
                 for k, v in one["model"].items() if np.issubdtype(v.dtype, np.floating))
     print(f"--sync-bn, 2 ranks vs 1 process after 12 steps (float32): max absolute "
           f"difference {worst:.2e}")
-    # float32 rounding, summed in another order: here within 0.1 of this tolerance,
+    # float32 rounding, summed in another order: here within 0.4 of this tolerance,
     # while local BN (each rank its own statistics) misses it by a factor of 1,000.
     for name, value in one["model"].items():
         np.testing.assert_allclose(two["model"][name], value, rtol=1e-3, atol=1e-5, err_msg=name)
