@@ -146,9 +146,13 @@ def run_config(framework, model, batch, steps, ranks, threads, mpiexec, timeout)
                                           env=environment(threads), stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE)
                          for r in range(ranks)]
-            for p in processes:
-                if p.wait(timeout=timeout) != 0:
-                    raise RuntimeError(f"torch worker failed: {p.stderr.read().decode()[-2000:]}")
+            failures = [p.stderr.read().decode()[-2000:] for p in processes
+                        if p.wait(timeout=timeout) != 0]
+            # gloo sometimes aborts while tearing the group down, after rank 0 has written
+            # its result ("terminate called without an active exception"): only a missing
+            # result is a failure.
+            if failures and not out.exists():
+                raise RuntimeError(f"torch worker failed: {failures[0]}")
         return json.loads(out.read_text())
 
 
