@@ -152,8 +152,12 @@ class Profiler:
             for name, category, start, duration, args in self.events]}
 
     def export_chrome_trace(self, path) -> Path:
+        """Write ``chrome_trace()`` as JSON to ``path`` (atomically: a temporary file,
+        then a rename)."""
+        from .io import atomic_write   # here: io imports autograd, which imports this module
         path = Path(path)
-        path.write_text(json.dumps(self.chrome_trace()))
+        with atomic_write(path) as f:
+            f.write(json.dumps(self.chrome_trace()).encode())
         return path
 
 

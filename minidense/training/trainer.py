@@ -36,7 +36,7 @@ from minidense import backend, data, distributed
 from .recipes import (CPU_EPOCHS, DEMO_EPOCHS, SettingsError, build_model, build_optimizer,
                       build_scheduler, choose_device)
 from .reporting import (EpochProgress, RunningSums, evaluate_model, format_duration,
-                        peak_memory_mb, summarize, write_metrics)
+                        peak_memory_mb, summarize, write_atomic, write_metrics)
 
 class Diverged(RuntimeError):
     """The run produced a non-finite loss, parameter or BN statistic; nothing non-finite
@@ -360,9 +360,9 @@ class TrainingRun:
         if self.profiler is None or not self.profiled_steps or not self.comm.is_main:
             return
         table = self.profiler.table()
-        (self.out / "profile.txt").write_text(
+        write_atomic(self.out / "profile.txt", (
             f"{self.settings['model']}, batch {self.settings['batch_size']} on {self.device}, "
-            f"{self.profiled_steps} training steps\n{table}\n")
+            f"{self.profiled_steps} training steps\n{table}\n").encode())
         self.profiler.export_chrome_trace(self.out / "profile-trace.json")
         self.log(f"profile of {self.profiled_steps} steps: {self.out / 'profile.txt'} and "
                  f"{self.out / 'profile-trace.json'} (open it in https://ui.perfetto.dev)")
