@@ -118,13 +118,15 @@ class Communicator:
             carried = [xp.asarray(f, dtype=dtype).reshape(1) for f in flags] if i == 0 else []
             flat = xp.concatenate([h.data.ravel() for h in holders] + carried)
             self.allreduce(flat)
+            total = flat.size - len(carried)
+            flat[:total] /= self.size   # the mean, in place; the flags stay sums
             offset = 0
-            for h in holders:
+            for h in holders:   # each array becomes a view of its part of the buffer
                 n = h.data.size
-                h.data = (flat[offset:offset + n] / self.size).reshape(h.data.shape)
+                h.data = flat[offset:offset + n].reshape(h.data.shape)
                 offset += n
             if carried:
-                sums = [float(v) for v in backend.to_numpy(flat[offset:])]
+                sums = [float(v) for v in backend.to_numpy(flat[total:])]
         return sums
 
     def broadcast_module(self, module, root: int = 0) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-import minidense as md
 from minidense import data
 from minidense.training.recipes import SettingsError, build_model, choose_device
 from minidense.training.reporting import evaluate_model, write_atomic
+from minidense.training.trainer import read_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,17 +87,8 @@ def load_model(path):
     """(model, checkpoint) from a checkpoint of minidense.train, or ``SettingsError``
     saying why it cannot be used: missing, damaged, not a training checkpoint, or weights
     that do not fit the model and class count its settings name."""
-    path = Path(path)
-    if not path.is_file():
-        raise SettingsError(f"--checkpoint {path}: no such file")
-    try:
-        checkpoint = md.load(path)
-    except (OSError, ValueError) as error:
-        raise SettingsError(f"--checkpoint: {error}") from None
-    needed = ("model", "settings", "classes", "normalization")
-    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in needed):
-        raise SettingsError(f"--checkpoint {path}: not a checkpoint of minidense.train (it "
-                            f"lacks {', '.join(k for k in needed if k not in checkpoint)})")
+    checkpoint = read_checkpoint(path, "--checkpoint", ("model", "settings", "classes",
+                                                         "normalization"))
     settings, classes = checkpoint["settings"], list(checkpoint["classes"])
     try:
         model = build_model(settings, len(classes))
@@ -140,11 +131,6 @@ def main(argv=None) -> int:
             value = getattr(args, option)
             if value is not None and value < 1:
                 raise SettingsError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
-        if args.device == "cuda":
-            try:
-                md.backend.check_device("cuda")
-            except RuntimeError as error:
-                raise SettingsError(f"--device cuda: {error}") from None
         accuracy, loss, confusion, classes = evaluate_checkpoint(
             args.checkpoint, args.data, args.device, args.batch_size, args.subset or 0)
     except (SettingsError, data.DataError) as error:

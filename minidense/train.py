@@ -23,11 +23,10 @@ import tempfile
 import traceback
 from pathlib import Path
 
-import minidense as md
 from minidense import data, distributed, models
-from minidense.training.recipes import (CPU_EPOCHS, DEFAULTS, DEMO_EPOCHS, RECIPES,
-                                        SettingsError, check_model)
-from minidense.training.trainer import Diverged, train
+from minidense.training.recipes import (DEFAULTS, RECIPES, SettingsError, check_model,
+                                        choose_device, run_epochs)
+from minidense.training.trainer import Diverged, read_checkpoint, train
 
 # Exit statuses, the same for every way a run can end.
 EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -126,17 +125,6 @@ AT_LEAST_ONE = ("epochs", "batch_size", "subset", "test_subset", "eval_every", "
                 "workers", "profile")
 
 
-def expected_epochs(settings: dict) -> int:
-    """The epochs the run will have, as far as the options tell: the explicit count, or
-    the default for the digits demo, a CPU or a GPU (the trainer decides it again once
-    the data is open)."""
-    if settings["epochs_given"]:
-        return settings["epochs"]
-    if settings.get("data") == "digits":
-        return DEMO_EPOCHS
-    return CPU_EPOCHS if settings["device"] == "cpu" or not md.cuda_available() else settings["epochs"]
-
-
 def check_settings(settings: dict, given: dict) -> None:
     """Raise ``SettingsError`` for the first option that cannot work.  ``given``: the
     options on the command line (0 means "off" for --subset and friends only by default)."""
@@ -152,7 +140,11 @@ def check_settings(settings: dict, given: dict) -> None:
         raise SettingsError(f"--momentum must be in [0, 1), got {momentum}")
     if not (math.isfinite(wd) and wd >= 0):
         raise SettingsError(f"--wd must be a finite number of at least 0, got {wd}")
-    warmup, epochs = settings["warmup"], expected_epochs(settings)
+    # The epochs as far as the options tell (the trainer decides again once the data is
+    # open: the digits demo has its own default).
+    device = choose_device(settings["device"], log=lambda *args: None)
+    warmup = settings["warmup"]
+    epochs = run_epochs(settings, settings.get("data") == "digits", device)
     if not (math.isfinite(warmup) and 0 <= warmup < epochs):
         raise SettingsError(f"--warmup must be at least 0 and less than the {epochs} epochs of "
                             f"the run, got {warmup}")
@@ -175,11 +167,6 @@ def check_settings(settings: dict, given: dict) -> None:
     if settings["subset"] and settings["subset"] < settings["batch_size"]:
         raise SettingsError(f"--subset {settings['subset']} is smaller than one batch "
                             f"(--batch-size {settings['batch_size']}): no training step")
-    if settings["device"] == "cuda":
-        try:
-            md.backend.check_device("cuda")
-        except RuntimeError as error:
-            raise SettingsError(f"--device cuda: {error}") from None
     check_model(settings["model"], settings.get("model_args", ""))
     check_out(settings)
 
@@ -213,22 +200,13 @@ def find_checkpoint(resume, out, model) -> Path:
             raise SettingsError(f"--resume: no runs/{model}-*/last.npz here; pass --out DIR (the "
                                 f"folder of the run) or the checkpoint's path")
         path = runs[-1]
-    if not path.is_file():
-        raise SettingsError(f"--resume: there is no checkpoint at {path}")
     return path
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A training checkpoint, or ``SettingsError`` saying why it cannot be used."""
-    try:
-        checkpoint = md.load(path)
-    except (OSError, ValueError) as error:
-        raise SettingsError(f"--resume: {error}") from None
-    needed = ("model", "optimizer", "scheduler", "progress", "settings", "classes")
-    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in needed):
-        raise SettingsError(f"--resume: {path} is not a checkpoint of minidense.train (it lacks "
-                            f"{', '.join(k for k in needed if k not in checkpoint)})")
-    return checkpoint
+    """The checkpoint --resume continues from, or ``SettingsError`` saying why it cannot."""
+    return read_checkpoint(path, "--resume", ("model", "optimizer", "scheduler", "progress",
+                                              "settings", "classes"))
 
 
 def resume_settings(saved: dict, given: dict, checkpoint_path: Path) -> dict:

@@ -123,7 +123,19 @@ def build_scheduler(settings: dict, optimizer, steps_per_epoch: int):
         main = optim.ConstantLR(optimizer)
     return optim.warmup_then(optimizer, main, warmup)
 
+def run_epochs(settings: dict, digits: bool, device: str) -> int:
+    """The run's epochs: the count given (or the recipe's), else the digits demo's, else a
+    short CPU run, else the defaults'."""
+    if settings["epochs_given"]:
+        return settings["epochs"]
+    if digits:
+        return DEMO_EPOCHS
+    return CPU_EPOCHS if device == "cpu" else settings["epochs"]
+
+
 def choose_device(name: str, log=print) -> str:
+    """"cpu" or "cuda": "auto" takes the GPU when CuPy sees one; a device that cannot be
+    used is a ``SettingsError`` (a bad --device)."""
     if name == "auto":
         if md.cuda_available():
             return "cuda"
@@ -132,4 +144,7 @@ def choose_device(name: str, log=print) -> str:
                 "the CPU; install the CuPy wheel for your CUDA version (nvidia-smi shows it): "
                 "pip install cupy-cuda12x (CUDA 12) or cupy-cuda13x (CUDA 13)")
         return "cpu"
-    return backend.check_device(name)
+    try:
+        return backend.check_device(name)
+    except (RuntimeError, ValueError) as error:
+        raise SettingsError(f"--device {name}: {error}") from None

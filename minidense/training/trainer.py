@@ -33,8 +33,8 @@ import numpy as np
 import minidense as md
 from minidense import backend, data, distributed
 
-from .recipes import (CPU_EPOCHS, DEMO_EPOCHS, SettingsError, build_model, build_optimizer,
-                      build_scheduler, choose_device)
+from .recipes import (SettingsError, build_model, build_optimizer, build_scheduler,
+                      choose_device, run_epochs)
 from .reporting import (EpochProgress, RunningSums, evaluate_model, format_duration,
                         peak_memory_mb, summarize, write_atomic, write_metrics)
 
@@ -91,6 +91,23 @@ class InterruptRequest:
         return False
 
 
+def read_checkpoint(path, option: str, needed) -> dict:
+    """The checkpoint of minidense.train at ``path``, or ``SettingsError`` (naming
+    ``option``) when it is missing, damaged, or lacks one of the ``needed`` entries."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"{option}: there is no checkpoint at {path}: no such file")
+    try:
+        checkpoint = md.load(path)
+    except (OSError, ValueError) as error:
+        raise SettingsError(f"{option}: {error}") from None
+    missing = [key for key in needed if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise SettingsError(f"{option}: {path} is not a checkpoint of minidense.train (it lacks "
+                            f"{', '.join(missing)})")
+    return checkpoint
+
+
 def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
     """The dropout seed of one training step of one rank, a function of (seed, epoch,
     step, rank) only."""
@@ -143,10 +160,7 @@ class TrainingRun:
         if comm.is_main and comm.size > 1:
             comm.barrier()
         settings["data_used"] = train_set.source
-        if train_set.name.startswith("digits") and not settings["epochs_given"]:
-            settings["epochs"] = DEMO_EPOCHS
-        elif self.device == "cpu" and not settings["epochs_given"]:
-            settings["epochs"] = CPU_EPOCHS
+        settings["epochs"] = run_epochs(settings, train_set.name.startswith("digits"), self.device)
         if settings["subset"]:
             train_set = train_set.subset(settings["subset"])
         if settings["test_subset"]:
