@@ -30,8 +30,8 @@ import sys
 
 import numpy as np
 
-from . import backend
-from .functions.normalization import BatchNorm, _channel_dot, _channel_sum, _reduce
+from . import backend, threads
+from .functions.normalization import BatchNorm
 from .nn.layers import BatchNorm2d, BatchNormReLU2d
 
 # (rank, size) variables that MPI launchers set: Open MPI, MPICH/Hydra and Intel MPI
@@ -158,6 +158,10 @@ class MPICommunicator(Communicator):
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
         self._nccl = None
+        # The ranks of one machine share its cores: each rank's thread pool gets its share,
+        # unless MINIDENSE_NUM_THREADS says otherwise.
+        if not os.environ.get("MINIDENSE_NUM_THREADS"):
+            threads.set_num_threads(max(1, threads.available_cores() // self.local_size))
 
     def __repr__(self):
         return (f"MPICommunicator(rank={self.rank}, size={self.size}, "
@@ -249,19 +253,13 @@ class SyncBatchNormFunction(BatchNorm):
         super().__init__(*args, **kwargs)
         self.comm = comm
 
-    def batch_statistics(self, x, bshape, fused):
+    def values_per_channel(self, x):
         # Every rank's batch has the same size (the global batch divides evenly), so the
         # count is known on the host: no wait for the device.
-        count = x.size // x.shape[1] * self.comm.size
-        mean = self.comm.allreduce(_contiguous(_channel_sum(x))) / count
-        if fused:   # CuPy: the squared deviations in one reduction kernel, no centred copy
-            centred = None
-            squares = _reduce("channel_squared_deviation", x, mean.reshape(bshape))
-        else:
-            centred = x - mean.reshape(bshape)
-            squares = _channel_dot(centred, centred)
-        var = self.comm.allreduce(_contiguous(squares)) / count
-        return mean, centred, var, count
+        return x.size // x.shape[1] * self.comm.size
+
+    def sum_over_batch(self, sums):
+        return self.comm.allreduce(_contiguous(sums))
 
     def statistics_gradient_sums(self, gbeta, ggamma):
         xp = backend.get_array_module(gbeta)

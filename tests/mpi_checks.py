@@ -5,7 +5,8 @@
 Each rank writes OUT_FOLDER/<CHECK>-<rank>.json with what it measured; the test reads
 them.  (pytest itself never imports mpi4py.MPI.)
 
-  communication   the size, an allreduce of values that differ per rank, a broadcast
+  communication   the size, an allreduce of values that differ per rank, a broadcast,
+                  each rank's thread count
   sync-bn         float64: 2 ranks with SyncBN and batch b each, 5 SGD-Nesterov steps,
                   against 1 process with batch 2b (computed on rank 0 too)
   local-bn        float32: 5 steps with each rank's own BN; are the parameters and
@@ -62,6 +63,7 @@ if check == "communication":
     shared = np.full(3, float(comm.rank + 7))
     result["broadcast"] = comm.broadcast(shared, root=1).tolist()
     result["flags"] = comm.average_gradients([], flags=(comm.rank == 1, 1.0))
+    result["threads"], result["cores"] = md.get_num_threads(), md.threads.available_cores()
 
 elif check == "sync-bn":
     b = 4

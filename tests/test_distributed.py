@@ -38,6 +38,7 @@ def launch(program, cwd, ranks=2, timeout=120, mpi4py_runner=False, wait=True):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MINIDENSE_DATA=str(cwd / "cache"),
                OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", HARNESS_OUT=str(cwd))
     env.pop("MINIDENSE_CIFAR10", None)
+    env.pop("MINIDENSE_NUM_THREADS", None)   # each rank's default share of the cores
     command = [MPIEXEC, "-n", str(ranks), sys.executable] + (["-m", "mpi4py"] if mpi4py_runner
                                                               else []) + [str(a) for a in program]
     if not wait:
@@ -149,6 +150,8 @@ def test_communication_is_real(tmp_path):
         assert r["broadcast"] == [8.0, 8.0, 8.0]     # rank 1's value
         assert r["flags"] == [1.0, 2.0]
         assert r["communicator"].startswith("MPICommunicator(")
+        # The two ranks share this machine's cores: each rank's thread pool gets half.
+        assert r["threads"] == max(1, r["cores"] // 2)
 
 
 @needs_mpi

@@ -169,7 +169,7 @@ def test_batch_norm_in_pieces_of_the_batch_agrees_with_one_piece(fn, training, m
     """On NumPy, batch norm works through the batch a few images at a time (in cache):
     one image per piece gives what one piece for the whole batch gives, and batch norm
     in pieces passes the gradient check."""
-    from minidense.functions import normalization
+    from minidense import threads
     rng = np.random.default_rng(3)
     x, gy = rng.standard_normal((5, 3, 4, 4)), rng.standard_normal((5, 3, 4, 4))
     gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
@@ -181,7 +181,7 @@ def test_batch_norm_in_pieces_of_the_batch_agrees_with_one_piece(fn, training, m
         y.backward(gy)
         return [y.numpy()] + [t.grad.numpy() for t in inputs]
     whole = run()
-    monkeypatch.setattr(normalization, "PIECE_BYTES", 1)   # one image per piece
+    monkeypatch.setattr(threads, "PIECE_BYTES", 1)   # one image per piece
     for got, want in zip(run(), whole):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
     if fn is md.batch_norm:

@@ -22,13 +22,16 @@ products when C and O differ (DenseNet's 48 -> 12 3x3 conv expands 12 channels, 
 
 1x1 convolutions with stride 1 and no padding need no patches at all: one matrix
 product per image (``forward_pointwise``, ``backward_pointwise``).  The expanded
-matrices and grids are temporaries in ``minidense.workspace`` buffers.
+matrices and grids are temporaries in ``minidense.workspace`` buffers.  The copies and
+shifted additions run on ``minidense.threads``, one slice of the images or of the grid
+columns per thread (the matrix products are BLAS's, threaded by BLAS); each element
+gets the same additions in the same order wherever the slices are cut.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, workspace
+from .. import backend, threads, workspace
 from ._utils import output_size
 
 
@@ -57,7 +60,7 @@ def forward(x, w, stride, padding, expands=None):
     w_taps = _weight_taps(w, grid, dtype)                 # (O, C, taps)
     y_grid = workspace.get("y_grid", (o, size), dtype, x)
     if (expands or ("output" if o <= c else "input")) == "output":
-        y_grid.fill(0)
+        first = True   # the first tap's slice is copied into y_grid, the others added
         for f, taps in enumerate(grid.phase_taps):
             if taps.stop == taps.start:
                 continue
@@ -65,8 +68,17 @@ def forward(x, w, stride, padding, expands=None):
             z = workspace.get("expanded", (len(w_f), grid.input_size), dtype, x)
             xp.matmul(w_f, x_grids[f], out=z)
             z = z.reshape(-1, o, grid.input_size)         # (taps of phase f, O, input_size)
-            for t, offset in enumerate(grid.offsets[taps]):
-                y_grid += z[t, :, offset:offset + size]
+
+            def add_shifted(cols, z=z, offsets=grid.offsets[taps], first=first):
+                y = y_grid[:, cols]
+                for t, offset in enumerate(offsets):
+                    shifted = z[t, :, cols.start + offset:cols.stop + offset]
+                    if first and t == 0:
+                        y[...] = shifted
+                    else:
+                        y += shifted
+            threads.map_pieces(add_shifted, threads.split(size), like=x)
+            first = False
     else:  # im2col
         patches = _patches(x_grids, grid)                 # (taps*C, size)
         w_mat = w_taps.transpose(0, 2, 1).reshape(o, -1)  # (O, taps*C)
@@ -92,32 +104,44 @@ def backward(x, w, gy, stride, padding, want_gx, want_gw, expands=None):
     if (expands or ("gy" if o <= c else "x")) == "gy":
         # Transposed convolution: gy shifted by each tap's offset, (taps, O, input_size).
         gy_shifted = workspace.get("expanded", (taps, o, input_size), dtype, x)
-        for k, offset in enumerate(grid.offsets):
-            gy_shifted[k, :, :offset] = 0
-            gy_shifted[k, :, offset:offset + size] = gy_grid
-            gy_shifted[k, :, offset + size:] = 0
+
+        def shift(cols):   # column j of tap k's row block is gy_grid's column j - offset
+            for k, offset in enumerate(grid.offsets):
+                lo, hi = max(cols.start, offset), min(cols.stop, offset + size)
+                if hi <= lo:
+                    gy_shifted[k, :, cols] = 0
+                    continue
+                gy_shifted[k, :, cols.start:lo] = 0
+                gy_shifted[k, :, lo:hi] = gy_grid[:, lo - offset:hi - offset]
+                gy_shifted[k, :, hi:cols.stop] = 0
+        threads.map_pieces(shift, threads.split(input_size), like=x)
         for f, phase_taps in enumerate(grid.phase_taps):
             g = gy_shifted[phase_taps].reshape(-1, input_size)  # (taps of f * O, input_size)
             if len(g) == 0:
                 continue
             if want_gw:
-                gw_taps[phase_taps] = (g @ x_grids[f].T).reshape(-1, o, c)
+                gw_taps[phase_taps] = xp.matmul(g, x_grids[f].T).reshape(-1, o, c)
             if want_gx:
                 w_f = w_taps[:, :, phase_taps].transpose(1, 2, 0).reshape(c, -1)
                 xp.matmul(w_f, g, out=gx_grids[f])
     else:
         if want_gw:
             patches = _patches(x_grids, grid)
-            gw_taps[...] = (gy_grid @ patches.T).reshape(o, -1, c).transpose(1, 0, 2)
+            gw_taps[...] = xp.matmul(gy_grid, patches.T).reshape(o, -1, c).transpose(1, 0, 2)
             del patches  # its buffer is reused just below
         if want_gx:  # col2im: each tap's patch gradient added back at its offset
             w_mat = w_taps.transpose(0, 2, 1).reshape(o, -1)
             patch_grads = workspace.get("expanded", (taps * c, size), dtype, x)
             xp.matmul(w_mat.T, gy_grid, out=patch_grads)
             patch_grads = patch_grads.reshape(taps, c, size)
-            gx_grids.fill(0)
-            for k, (f, offset) in enumerate(zip(grid.tap_phase, grid.offsets)):
-                gx_grids[f][:, offset:offset + size] += patch_grads[k]
+
+            def col2im(cols):   # gx_grids' columns cols: each tap's patch gradient added
+                gx_grids[:, :, cols] = 0
+                for k, (f, offset) in enumerate(zip(grid.tap_phase, grid.offsets)):
+                    lo, hi = max(cols.start, offset), min(cols.stop, offset + size)
+                    if lo < hi:
+                        gx_grids[f][:, lo:hi] += patch_grads[k][:, lo - offset:hi - offset]
+            threads.map_pieces(col2im, threads.split(input_size), like=x)
     gx = gw = None
     if want_gx:
         gx = grid.image_from_phases(gx_grids, x.dtype)
@@ -154,8 +178,11 @@ def _patches(x_grids, grid):
     xp = backend.get_array_module(x_grids)
     c = x_grids.shape[1]
     patches = workspace.get("expanded", (len(grid.taps), c, grid.size), x_grids.dtype, x_grids)
-    for k, (f, offset) in enumerate(zip(grid.tap_phase, grid.offsets)):
-        patches[k] = x_grids[f][:, offset:offset + grid.size]
+
+    def copy(cols):
+        for k, (f, offset) in enumerate(zip(grid.tap_phase, grid.offsets)):
+            patches[k][:, cols] = x_grids[f][:, cols.start + offset:cols.stop + offset]
+    threads.map_pieces(copy, threads.split(grid.size), like=x_grids)
     return patches.reshape(-1, grid.size)
 
 
@@ -207,25 +234,36 @@ class TapGrid:
 
     def _phase_cells(self, grids):
         """For each phase that some tap reads: the view of its cells (C, N, rows, columns)
-        that hold image pixels, and the index of those pixels in the channel-major
-        image (C, N, H, W)."""
+        that hold image pixels, and the rows and columns of those pixels in the image."""
         n, c, h, w = self.image_shape
         (sy, sx), (ph, pw) = self.stride, self.pad
+        found = []
         for f, taps in enumerate(self.phase_taps):
             rows = _phase_slice(h, ph, sy, f // sx)
             cols = _phase_slice(w, pw, sx, f % sx)
             if rows is None or cols is None or taps.stop == taps.start:
                 continue
             cells = grids[f, :, :self.size].reshape(c, n, self.gh, self.gw)
-            yield cells[:, :, rows[0], cols[0]], (slice(None), slice(None), rows[1], cols[1])
+            found.append((cells[:, :, rows[0], cols[0]], rows[1], cols[1]))
+        return found
+
+    def _on_images(self, fn, like):
+        """fn(slice of images) over the batch, one slice per thread."""
+        threads.map_pieces(fn, threads.split(self.image_shape[0]), like=like)
 
     def phases(self, x, out):
         """Fill ``out`` (sy*sx, C, input_size) with the phases of zero-padded ``x`` (N, C, H, W)
         (only those that some tap reads)."""
-        out.fill(0)
+        cell = self.gh * self.gw
+        out[:, :, self.size:] = 0      # the zero tail that the last image's taps read
         channel_major = x.transpose(1, 0, 2, 3)
-        for cells, pixels in self._phase_cells(out):
-            cells[...] = channel_major[pixels]
+        phase_cells = self._phase_cells(out)
+
+        def copy(images):
+            out[:, :, images.start * cell:images.stop * cell] = 0
+            for cells, rows, cols in phase_cells:
+                cells[:, images] = channel_major[:, images, rows, cols]
+        self._on_images(copy, x)
         return out
 
     def image_from_phases(self, grids, dtype):
@@ -233,24 +271,40 @@ class TapGrid:
         The padding is dropped (its gradient goes nowhere), and phases that no tap
         reads are not looked at (their gradient is zero)."""
         xp = backend.get_array_module(grids)
-        image = xp.zeros(self.image_shape, dtype=dtype)
+        image = xp.empty(self.image_shape, dtype=dtype)
         channel_major = image.transpose(1, 0, 2, 3)
-        for cells, pixels in self._phase_cells(grids):
-            channel_major[pixels] = cells
+        phase_cells = self._phase_cells(grids)
+
+        def copy(images):
+            image[images] = 0
+            for cells, rows, cols in phase_cells:
+                channel_major[:, images, rows, cols] = cells[:, images]
+        self._on_images(copy, grids)
         return image
 
     def on_grid(self, y, out):
         """Fill ``out`` (O, N*GH*GW) with outputs ``y`` (N, O, OH, OW), zeros elsewhere."""
         n, o = y.shape[:2]
-        out.fill(0)
-        out.reshape(o, n, self.gh, self.gw)[:, :, :self.oh, :self.ow] = y.transpose(1, 0, 2, 3)
+        cells = out.reshape(o, n, self.gh, self.gw)
+
+        def copy(images):
+            cells[:, images, self.oh:] = 0
+            cells[:, images, :self.oh, self.ow:] = 0
+            cells[:, images, :self.oh, :self.ow] = y[images].transpose(1, 0, 2, 3)
+        self._on_images(copy, y)
         return out
 
     def crop(self, grid):
         """The outputs (N, O, OH, OW) of a flat output grid (O, N*GH*GW), as a fresh array."""
+        xp = backend.get_array_module(grid)
         o, n = grid.shape[0], self.image_shape[0]
         outputs = grid.reshape(o, n, self.gh, self.gw)[:, :, :self.oh, :self.ow]
-        return outputs.transpose(1, 0, 2, 3).copy()  # a copy even when no cropping is needed
+        y = xp.empty((n, o, self.oh, self.ow), dtype=grid.dtype)
+
+        def copy(images):
+            y[images] = outputs[:, images].transpose(1, 0, 2, 3)
+        self._on_images(copy, grid)
+        return y
 
 
 def _cell_length(size, kernel, stride, pad, out):

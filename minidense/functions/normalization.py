@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from .. import backend, threads, workspace
 from ..autograd import Function, Tensor
 from ..recompute import is_recomputing
 
@@ -15,16 +15,24 @@ class BatchNorm(Function):
     Training mode uses the batch's statistics (biased variance) and updates the
     running statistics in place, as PyTorch does (running_var gets the unbiased
     variance).  Eval mode uses the running statistics.
-    Keeps: the normalised input x_hat, 1/sqrt(var + eps) per channel, and gamma.
 
-    Chosen per backend: on NumPy, NumPy expressions and BLAS sums; on CuPy, fused
-    kernels (backend's "bn_forward", "bn_backward" and per-channel reductions): the
-    mean, then the variance in one reduction pass, then one pass writing x_hat and y;
-    backward, two reductions and one pass.
+    Chosen per backend:
 
-    ``batch_statistics`` and ``statistics_gradient_sums`` are the two places where the
-    batch's values are summed; ``minidense.distributed.SyncBatchNormFunction`` overrides
-    them to sum over every process's batch.
+    * NumPy: the batch is worked through a few images at a time (``_pieces``), each
+      piece visited while it is in cache and the pieces spread over
+      ``minidense.threads``.  The statistics take one pass (each piece's sum and
+      squared deviations, combined about the batch mean), y one more.
+      Keeps: x itself (in a DenseNet a view of the block's shared storage, so no new
+      memory), the mean and 1/sqrt(var + eps) per channel, gamma; backward recomputes
+      x - mean piece by piece in cache.
+    * CuPy: fused kernels (backend's "bn_forward", "bn_backward" and per-channel
+      reductions): the mean, then the variance in one reduction pass, then one pass
+      writing x_hat and y; backward, two reductions and one pass.  Keeps: the
+      normalised input x_hat, 1/sqrt(var + eps) per channel, and gamma.
+
+    ``sum_over_batch`` (and ``values_per_channel``) and ``statistics_gradient_sums``
+    are where the batch's values are summed; ``minidense.distributed.
+    SyncBatchNormFunction`` overrides them to sum over every process's batch.
     """
 
     relu = False  # BatchNormReLU: relu(batch_norm(x)) in the same passes
@@ -46,12 +54,11 @@ class BatchNorm(Function):
         fused = backend.device_of(x) == "cuda"
         bshape = (1, c) + (1,) * (x.ndim - 2)
         count = x.size // c
-        centred = None
         if self.training:
             if count < 2:
                 raise ValueError(f"batch_norm: training needs more than one value per channel, "
                                  f"got input of shape {tuple(x.shape)}")
-            mean, centred, var, count = self.batch_statistics(x, bshape, fused)
+            mean, var, count = self.batch_statistics(x, bshape, fused)
             self.count = count
             # md.recompute runs this forward a second time in backward: update once.
             update = not is_recomputing()
@@ -66,94 +73,129 @@ class BatchNorm(Function):
             if self.running_mean is None or self.running_var is None:
                 raise ValueError("batch_norm: eval mode (training=False) needs running_mean and running_var")
             mean, var = self.running_mean, self.running_var
-            if not fused:
-                centred = x - mean.reshape(bshape).astype(x.dtype, copy=False)
+        mean = mean.astype(x.dtype, copy=False)
         inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype, copy=False)
         self.bshape = bshape
+        relu_args = (beta,) if self.relu else ()
         if fused:
             x_hat, y = xp.empty_like(x), xp.empty_like(x)
             backend.cuda_kernel("bn_forward")(
-                x, mean.astype(x.dtype, copy=False).reshape(bshape), inv_std.reshape(bshape),
+                x, mean.reshape(bshape), inv_std.reshape(bshape),
                 gamma.reshape(bshape), beta.reshape(bshape), self.relu, x_hat, y)
-        else:
-            x_hat = centred                      # a fresh array: normalised in place
-            y = xp.empty(x_hat.shape, dtype=np.result_type(x_hat, gamma, beta))
-            inv_std_b = inv_std.reshape(bshape)
-            gamma_b, beta_b = gamma.reshape(bshape), beta.reshape(bshape)
-            # Image by image (a few at a time): x_hat, y and the ReLU while the piece is
-            # in cache, one pass over memory instead of four.
-            for part in _pieces(x_hat):
-                x_hat[part] *= inv_std_b
-                y_part = y[part]
-                xp.multiply(x_hat[part], gamma_b, out=y_part)
-                y_part += beta_b
-                if self.relu:
-                    xp.maximum(y_part, 0, out=y_part)
-        self.save_for_backward(x_hat, inv_std, gamma, *((beta,) if self.relu else ()))
+            self.save_for_backward(x_hat, inv_std, gamma, *relu_args)
+            return y
+        y = np.empty(x.shape, dtype=np.result_type(x, gamma, beta))
+        mean_b, beta_b = mean.reshape(bshape), beta.reshape(bshape)
+        scale = (gamma * inv_std).reshape(bshape)
+
+        def normalise(part):   # y = (x - mean) * (gamma / std) + beta, then the ReLU
+            out = np.subtract(x[part], mean_b, out=y[part])
+            out *= scale
+            out += beta_b
+            if self.relu:
+                np.maximum(out, 0, out=out)
+        threads.map_pieces(normalise, _pieces(x))
+        self.save_for_backward(x, mean, inv_std, gamma, *relu_args)
         return y
 
     def backward(self, gy):
-        x_hat, inv_std, gamma, *rest = self.saved
-        bshape = self.bshape
-        scale = (gamma * inv_std).reshape(bshape)
         count = self.count if self.training else gy.size // gy.shape[1]
         if backend.device_of(gy) == "cuda":
-            beta = rest[0] if self.relu else _zeros_like(gamma)
-            per_channel = (gamma.reshape(bshape), beta.reshape(bshape))
-            if self.relu:
-                gbeta = _reduce("relu_masked_sum", gy, x_hat, *per_channel)
-                ggamma = _reduce("relu_masked_dot", gy, x_hat, *per_channel)
-            else:
-                gbeta, ggamma = _channel_sum(gy), _channel_dot(gy, x_hat)
-            if self.training:
-                sum_gy, sum_gy_x_hat = self.statistics_gradient_sums(gbeta, ggamma)
-                mean_gy, neg_mean_gxh = sum_gy / count, -sum_gy_x_hat / count
-            else:
-                mean_gy, neg_mean_gxh = _zeros_like(gbeta), _zeros_like(ggamma)
-            gx = backend.get_array_module(gy).empty_like(gy)
-            backend.cuda_kernel("bn_backward")(
-                gy, x_hat, *per_channel, scale, mean_gy.reshape(bshape), neg_mean_gxh.reshape(bshape),
-                self.relu, gx)
-            return gx, ggamma, gbeta
-        # Piece by piece (a few images at a time, in cache): the ReLU's mask, recomputed
-        # from the forward's own expression, then the two per-channel sums, added up in
-        # piece order; and below, gx in one pass.
-        gx = np.empty(gy.shape, dtype=np.result_type(gy, x_hat, scale))   # first: the masked gy
-        gbeta = ggamma = 0
-        for part in _pieces(gy):
+            return self._backward_cuda(gy, count)
+        x, mean, inv_std, gamma, *rest = self.saved
+        bshape = self.bshape
+        mean_b, scale = mean.reshape(bshape), (gamma * inv_std).reshape(bshape)
+        beta_b = rest[0].reshape(bshape) if self.relu else None
+        gx = np.empty(gy.shape, dtype=np.result_type(gy, x, scale))   # first: the masked gy
+
+        # Piece by piece (in cache, on the threads): x - mean recomputed, the ReLU's mask
+        # recomputed from the forward's own expression, and the two per-channel sums.
+        def sums(part):
+            centred = np.subtract(x[part], mean_b, out=_scratch(x[part]))
             g = gy[part]
             if self.relu:
-                g = np.multiply(g, x_hat[part] * gamma.reshape(bshape) + rest[0].reshape(bshape) > 0,
-                                out=gx[part])
-            gbeta = gbeta + _channel_sum(g)
-            ggamma = ggamma + _channel_dot(g, x_hat[part])
+                g = np.multiply(g, centred * scale + beta_b > 0, out=gx[part])
+            return _channel_sum(g), _channel_dot(g, centred)
+
+        pieces = _pieces(gy)
+        partial = threads.map_pieces(sums, pieces)
+        gbeta = _sum_in_order(p[0] for p in partial)
+        ggamma = _sum_in_order(p[1] for p in partial) * inv_std   # sum of gy * x_hat
         if self.relu:
             gy = gx
         if self.training:
             # d/dx of the batch statistics: remove the mean and the x_hat component,
-            # gx = scale * (gy - gbeta/count - x_hat * ggamma/count).
+            # gx = scale * (gy - gbeta/count - x_hat * ggamma/count), x_hat = (x - mean) * inv_std.
             sum_gy, sum_gy_x_hat = self.statistics_gradient_sums(gbeta, ggamma)
-            k_x_hat = (-sum_gy_x_hat / count).reshape(bshape)
             k_gy = (sum_gy / count).reshape(bshape)
-            for part in _pieces(gy):
-                out = gx[part]
-                g = gy[part] - k_gy if not self.relu else np.subtract(gy[part], k_gy, out=out)
-                np.add(np.multiply(x_hat[part], k_x_hat), g, out=out)
+            k_centred = (-sum_gy_x_hat / count * inv_std).reshape(bshape)
+
+            def input_gradient(part):
+                centred = np.subtract(x[part], mean_b, out=_scratch(x[part]))
+                centred *= k_centred
+                out = np.subtract(gy[part], k_gy, out=gx[part])
+                out += centred
                 out *= scale
         else:
-            np.multiply(gy, scale, out=gx)
+            def input_gradient(part):
+                np.multiply(gy[part], scale, out=gx[part])
+        threads.map_pieces(input_gradient, pieces)
+        return gx, ggamma, gbeta
+
+    def _backward_cuda(self, gy, count):
+        x_hat, inv_std, gamma, *rest = self.saved
+        bshape = self.bshape
+        scale = (gamma * inv_std).reshape(bshape)
+        beta = rest[0] if self.relu else _zeros_like(gamma)
+        per_channel = (gamma.reshape(bshape), beta.reshape(bshape))
+        if self.relu:
+            gbeta = _reduce("relu_masked_sum", gy, x_hat, *per_channel)
+            ggamma = _reduce("relu_masked_dot", gy, x_hat, *per_channel)
+        else:
+            gbeta, ggamma = _channel_sum(gy), _channel_dot(gy, x_hat)
+        if self.training:
+            sum_gy, sum_gy_x_hat = self.statistics_gradient_sums(gbeta, ggamma)
+            mean_gy, neg_mean_gxh = sum_gy / count, -sum_gy_x_hat / count
+        else:
+            mean_gy, neg_mean_gxh = _zeros_like(gbeta), _zeros_like(ggamma)
+        gx = backend.get_array_module(gy).empty_like(gy)
+        backend.cuda_kernel("bn_backward")(
+            gy, x_hat, *per_channel, scale, mean_gy.reshape(bshape), neg_mean_gxh.reshape(bshape),
+            self.relu, gx)
         return gx, ggamma, gbeta
 
     def batch_statistics(self, x, bshape, fused):
-        """(mean, x - mean, biased variance, values per channel) over every axis but 1.
-        ``fused`` (CuPy): the squared deviations are summed in one reduction kernel, and
-        no centred array is made (None in its place)."""
-        count = x.size // x.shape[1]
-        mean = _channel_sum(x) / count
+        """(mean, biased variance, values per channel) over every axis but 1, the sums
+        through ``sum_over_batch``.  ``fused`` (CuPy): the mean, then the squared
+        deviations in one reduction kernel.  NumPy: one visit per piece gives its sum and
+        its squared deviations from its own mean, which are combined about the batch mean
+        (Chan, Golub and LeVeque's pairwise update): the same values as summing (x -
+        mean)^2, without a second pass over memory."""
+        count = self.values_per_channel(x)
         if fused:
-            return mean, None, _reduce("channel_squared_deviation", x, mean.reshape(bshape)) / count, count
-        centred = x - mean.reshape(bshape)
-        return mean, centred, _channel_dot(centred, centred) / count, count
+            mean = self.sum_over_batch(_channel_sum(x)) / count
+            squares = _reduce("channel_squared_deviation", x, mean.reshape(bshape))
+            return mean, self.sum_over_batch(squares) / count, count
+
+        def piece_statistics(part):
+            piece = x[part]
+            n = piece.size // piece.shape[1]
+            total = _channel_sum(piece)
+            centred = np.subtract(piece, (total / n).reshape(bshape), out=_scratch(piece))
+            return n, total, _channel_dot(centred, centred)
+
+        stats = threads.map_pieces(piece_statistics, _pieces(x))
+        mean = self.sum_over_batch(_sum_in_order(total for _, total, _ in stats)) / count
+        squares = _sum_in_order(m2 + n * (total / n - mean) ** 2 for n, total, m2 in stats)
+        return mean, self.sum_over_batch(squares) / count, count
+
+    def values_per_channel(self, x):
+        """How many values each channel's batch statistics are taken over."""
+        return x.size // x.shape[1]
+
+    def sum_over_batch(self, sums):
+        """Per-channel sums over this process's batch, as sums over the whole batch."""
+        return sums
 
     def statistics_gradient_sums(self, gbeta, ggamma):
         """The sums over the batch of gy and of gy * x_hat that the gradient through the
@@ -169,15 +211,24 @@ class BatchNormReLU(BatchNorm):
     relu = True
 
 
-PIECE_BYTES = 1 << 19   # pieces of the batch that the passes of batch norm share in cache
-
-
 def _pieces(x):
-    """Slices of axis 0 (the batch) of about PIECE_BYTES each; they depend on the shape
-    alone, so the sums over pieces are the same from run to run."""
-    per_image = max(x[:1].nbytes, 1)
-    step = max(1, PIECE_BYTES // per_image)
-    return [slice(start, start + step) for start in range(0, x.shape[0], step)]
+    """Slices of axis 0 (the batch) of about ``threads.PIECE_BYTES`` each, so that the
+    passes of batch norm share each piece in cache."""
+    return threads.pieces(x.shape[0], x[:1].nbytes)
+
+
+def _sum_in_order(parts):
+    """The per-piece partial sums added in piece order (the same for any thread count)."""
+    total = 0
+    for part in parts:
+        total = total + part
+    return total
+
+
+def _scratch(piece):
+    """A buffer the shape of one piece, this thread's own (``minidense.workspace``
+    buffers are per thread), for a temporary that lives in cache."""
+    return workspace.get("batch_norm_piece", piece.shape, piece.dtype, piece)
 
 
 def _zeros_like(a):
