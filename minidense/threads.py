@@ -92,6 +92,11 @@ def pieces(length: int, bytes_per_item: int) -> list:
     return [slice(start, min(start + step, length)) for start in range(0, length, step)]
 
 
+def batch_pieces(x) -> list:
+    """``pieces`` of axis 0 of ``x`` (the batch): a few images at a time."""
+    return pieces(len(x), x[:1].nbytes)
+
+
 def split(length: int) -> list:
     """``range(length)`` cut into one contiguous slice per thread: for copies and
     additions whose every element is computed the same way wherever the cuts fall

@@ -18,10 +18,11 @@ class BatchNorm(Function):
 
     Chosen per backend:
 
-    * NumPy: the batch is worked through a few images at a time (``_pieces``), each
-      piece visited while it is in cache and the pieces spread over
-      ``minidense.threads``.  The statistics take one pass (each piece's sum and
-      squared deviations, combined about the batch mean), y one more.
+    * NumPy: the batch is worked through a few images at a time
+      (``threads.batch_pieces``), each piece visited while it is in cache and the
+      pieces spread over ``minidense.threads``.  The statistics take one pass (the sums
+      of each piece's deviations from a per-channel shift, and of their squares), y one
+      more.  Per-channel constants are written out over one image (``_per_image``).
       Keeps: x itself (in a DenseNet a view of the block's shared storage, so no new
       memory), the mean and 1/sqrt(var + eps) per channel, gamma; backward recomputes
       x - mean piece by piece in cache.
@@ -85,16 +86,17 @@ class BatchNorm(Function):
             self.save_for_backward(x_hat, inv_std, gamma, *relu_args)
             return y
         y = np.empty(x.shape, dtype=np.result_type(x, gamma, beta))
-        mean_b, beta_b = mean.reshape(bshape), beta.reshape(bshape)
-        scale = (gamma * inv_std).reshape(bshape)
+        mean_i, scale_i = _per_image(mean, x), _per_image(gamma * inv_std, x)
+        beta_i = _per_image(beta, x)
+        zeros_i = np.zeros_like(beta_i) if self.relu else None
 
         def normalise(part):   # y = (x - mean) * (gamma / std) + beta, then the ReLU
-            out = np.subtract(x[part], mean_b, out=y[part])
-            out *= scale
-            out += beta_b
+            out = np.subtract(x[part], mean_i, out=y[part])
+            out *= scale_i
+            out += beta_i
             if self.relu:
-                np.maximum(out, 0, out=out)
-        threads.map_pieces(normalise, _pieces(x))
+                np.maximum(out, zeros_i, out=out)
+        threads.map_pieces(normalise, threads.batch_pieces(x))
         self.save_for_backward(x, mean, inv_std, gamma, *relu_args)
         return y
 
@@ -103,21 +105,23 @@ class BatchNorm(Function):
         if backend.device_of(gy) == "cuda":
             return self._backward_cuda(gy, count)
         x, mean, inv_std, gamma, *rest = self.saved
-        bshape = self.bshape
-        mean_b, scale = mean.reshape(bshape), (gamma * inv_std).reshape(bshape)
-        beta_b = rest[0].reshape(bshape) if self.relu else None
+        scale = gamma * inv_std
+        mean_i, scale_i = _per_image(mean, x), _per_image(scale, x)
+        beta_i = _per_image(rest[0], x) if self.relu else None
         gx = np.empty(gy.shape, dtype=np.result_type(gy, x, scale))   # first: the masked gy
 
         # Piece by piece (in cache, on the threads): x - mean recomputed, the ReLU's mask
-        # recomputed from the forward's own expression, and the two per-channel sums.
+        # recomputed by the forward's own operations, and the two per-channel sums.
         def sums(part):
-            centred = np.subtract(x[part], mean_b, out=_scratch(x[part]))
+            centred = np.subtract(x[part], mean_i, out=_scratch(x[part]))
             g = gy[part]
             if self.relu:
-                g = np.multiply(g, centred * scale + beta_b > 0, out=gx[part])
+                before_relu = np.multiply(centred, scale_i, out=_scratch(x[part], "mask"))
+                before_relu += beta_i
+                g = np.multiply(g, before_relu > 0, out=gx[part], dtype=gx.dtype)
             return _channel_sum(g), _channel_dot(g, centred)
 
-        pieces = _pieces(gy)
+        pieces = threads.batch_pieces(gy)
         partial = threads.map_pieces(sums, pieces)
         gbeta = _sum_in_order(p[0] for p in partial)
         ggamma = _sum_in_order(p[1] for p in partial) * inv_std   # sum of gy * x_hat
@@ -127,18 +131,18 @@ class BatchNorm(Function):
             # d/dx of the batch statistics: remove the mean and the x_hat component,
             # gx = scale * (gy - gbeta/count - x_hat * ggamma/count), x_hat = (x - mean) * inv_std.
             sum_gy, sum_gy_x_hat = self.statistics_gradient_sums(gbeta, ggamma)
-            k_gy = (sum_gy / count).reshape(bshape)
-            k_centred = (-sum_gy_x_hat / count * inv_std).reshape(bshape)
+            k_gy = _per_image((sum_gy / count).astype(gx.dtype, copy=False), x)
+            k_centred = _per_image((-sum_gy_x_hat / count * inv_std).astype(gx.dtype, copy=False), x)
 
             def input_gradient(part):
-                centred = np.subtract(x[part], mean_b, out=_scratch(x[part]))
+                centred = np.subtract(x[part], mean_i, out=_scratch(x[part]))
                 centred *= k_centred
                 out = np.subtract(gy[part], k_gy, out=gx[part])
                 out += centred
-                out *= scale
+                out *= scale_i
         else:
             def input_gradient(part):
-                np.multiply(gy[part], scale, out=gx[part])
+                np.multiply(gy[part], scale_i, out=gx[part])
         threads.map_pieces(input_gradient, pieces)
         return gx, ggamma, gbeta
 
@@ -167,27 +171,31 @@ class BatchNorm(Function):
     def batch_statistics(self, x, bshape, fused):
         """(mean, biased variance, values per channel) over every axis but 1, the sums
         through ``sum_over_batch``.  ``fused`` (CuPy): the mean, then the squared
-        deviations in one reduction kernel.  NumPy: one visit per piece gives its sum and
-        its squared deviations from its own mean, which are combined about the batch mean
-        (Chan, Golub and LeVeque's pairwise update): the same values as summing (x -
-        mean)^2, without a second pass over memory."""
+        deviations in one reduction kernel.  NumPy: one visit per piece, in cache, gives
+        the sums of x - K and of its squares, K per channel the first image's mean (a
+        value close to the batch mean, so that no precision is lost to cancellation:
+        the "shifted data" algorithm); the squared deviations about the batch mean follow
+        from them, without a second pass over memory."""
         count = self.values_per_channel(x)
         if fused:
             mean = self.sum_over_batch(_channel_sum(x)) / count
             squares = _reduce("channel_squared_deviation", x, mean.reshape(bshape))
             return mean, self.sum_over_batch(squares) / count, count
 
-        def piece_statistics(part):
-            piece = x[part]
-            n = piece.size // piece.shape[1]
-            total = _channel_sum(piece)
-            centred = np.subtract(piece, (total / n).reshape(bshape), out=_scratch(piece))
-            return n, total, _channel_dot(centred, centred)
+        n = x.size // x.shape[1]                     # values per channel here
+        shift = _channel_sum(x[:1]) / (n // len(x))
+        shift_i = _per_image(shift, x)
 
-        stats = threads.map_pieces(piece_statistics, _pieces(x))
-        mean = self.sum_over_batch(_sum_in_order(total for _, total, _ in stats)) / count
-        squares = _sum_in_order(m2 + n * (total / n - mean) ** 2 for n, total, m2 in stats)
-        return mean, self.sum_over_batch(squares) / count, count
+        def piece_sums(part):
+            shifted = np.subtract(x[part], shift_i, out=_scratch(x[part]))
+            return _channel_sum(shifted), _channel_dot(shifted, shifted)
+
+        sums = threads.map_pieces(piece_sums, threads.batch_pieces(x))
+        s1, s2 = _sum_in_order(s for s, _ in sums), _sum_in_order(q for _, q in sums)
+        mean = self.sum_over_batch(n * shift + s1) / count
+        d = mean - shift
+        squares = s2 - 2 * d * s1 + n * d * d         # the sum of (x - mean)^2 here
+        return mean, np.maximum(self.sum_over_batch(squares) / count, 0), count
 
     def values_per_channel(self, x):
         """How many values each channel's batch statistics are taken over."""
@@ -211,12 +219,6 @@ class BatchNormReLU(BatchNorm):
     relu = True
 
 
-def _pieces(x):
-    """Slices of axis 0 (the batch) of about ``threads.PIECE_BYTES`` each, so that the
-    passes of batch norm share each piece in cache."""
-    return threads.pieces(x.shape[0], x[:1].nbytes)
-
-
 def _sum_in_order(parts):
     """The per-piece partial sums added in piece order (the same for any thread count)."""
     total = 0
@@ -225,10 +227,19 @@ def _sum_in_order(parts):
     return total
 
 
-def _scratch(piece):
+def _scratch(piece, name="centred"):
     """A buffer the shape of one piece, this thread's own (``minidense.workspace``
     buffers are per thread), for a temporary that lives in cache."""
-    return workspace.get("batch_norm_piece", piece.shape, piece.dtype, piece)
+    return workspace.get("batch_norm_" + name, piece.shape, piece.dtype, piece)
+
+
+def _per_image(values, like):
+    """Per-channel ``values`` (C,) written out over one image's shape (1, C, H, W).
+    NumPy's element-wise loops run about twice as fast on two full operands as on a
+    per-channel operand broadcast along each row (a stride-0 inner loop), and one image
+    of constants costs little next to the batch."""
+    bshape = (1, like.shape[1]) + (1,) * (like.ndim - 2)
+    return np.ascontiguousarray(np.broadcast_to(values.reshape(bshape), (1,) + like.shape[1:]))
 
 
 def _zeros_like(a):
@@ -259,8 +270,8 @@ def _channel_dot(a, b):
     (chosen per backend here)."""
     if backend.device_of(a) == "cuda":
         return _reduce("channel_dot", a, b)
-    n, c = a.shape[:2]
-    return np.einsum("ncl,ncl->c", a.reshape(n, c, -1), b.reshape(n, c, -1))
+    n, c = a.shape[:2]   # a row times a column per (image, channel): faster than einsum
+    return np.matmul(a.reshape(n, c, 1, -1), b.reshape(n, c, -1, 1)).reshape(n, c).sum(axis=0)
 
 
 def batch_norm(x, gamma, beta, running_mean=None, running_var=None, training=True,
