@@ -288,6 +288,20 @@ def worker(framework, name, batch_size, steps, warmup, threads, out, clock="wall
     Path(out).write_text(json.dumps({"ms": ms, "logits": logits.tolist(), "peak_rss_mib": peak}))
 
 
+def worker_environment(clock):
+    """The environment of a worker process, set before NumPy starts in it.  OpenBLAS's
+    threads spin for the shortest time, as in ``python -m minidense.train`` (minidense,
+    imported before NumPy, asks for it; the worker imports NumPy first); it changes
+    nothing for PyTorch, whose CPU kernels are its own.  ``clock == "cpu"``: one thread
+    for BLAS, OpenMP (PyTorch) and minidense's pool."""
+    env = dict(os.environ)
+    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    if clock == "cpu":
+        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   MINIDENSE_NUM_THREADS="1")
+    return env
+
+
 def run_model_separately(name, batch_size, use_torch, steps, warmup, rounds, threads, clock="wall"):
     """``run_model``'s result, each framework timed in fresh processes (see the module's
     docstring)."""
@@ -297,9 +311,7 @@ def run_model_separately(name, batch_size, use_torch, steps, warmup, rounds, thr
         for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
             with tempfile.TemporaryDirectory() as folder:
                 out = Path(folder) / "result.json"
-                # One BLAS thread is set before NumPy starts in the worker.
-                env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
-                           MKL_NUM_THREADS="1") if clock == "cpu" else None
+                env = worker_environment(clock)
                 subprocess.run([sys.executable, __file__, "--worker", fw, "--models", name,
                                 "--batch-sizes", str(batch_size), "--steps", str(steps),
                                 "--warmup", str(warmup), "--threads", str(threads),
@@ -440,13 +452,16 @@ def main(argv=None):
             settings.update(torch_matmul_tf32=tf32, torch_cudnn_tf32=tf32, torch_cudnn_benchmark=True)
     else:
         settings["clock"] = "process CPU time, 1 thread" if args.clock == "cpu" else "wall"
+        settings["minidense_threads"] = 1 if args.clock == "cpu" else md.get_num_threads()
+        settings["OPENBLAS_THREAD_TIMEOUT"] = worker_environment(args.clock)["OPENBLAS_THREAD_TIMEOUT"]
     print(f"minidense on {'NumPy' if args.device == 'cpu' else 'CuPy'} vs "
           + (f"PyTorch {torch.__version__} on {args.device}" if use_torch
              else "no PyTorch (not importable)" if torch is None else f"no PyTorch (this torch has no {args.device})"))
     print(f"{machine['cpu']}, {machine['cpu_count']} CPUs; NumPy {np.__version__}, "
           f"BLAS {blas.get('name')} {blas.get('version')} with {blas['threads']} thread(s)"
           + ("; each process set to 1 thread" if args.clock == "cpu" else
-             f"; torch set to {torch.get_num_threads()} to match" if use_torch else "")
+             f"; minidense's pool {md.get_num_threads()} threads"
+             + (f"; torch set to {torch.get_num_threads()} to match" if use_torch else ""))
           + (f"; GPU {machine['gpu']}, CuPy {machine['cupy']}" if args.device == "cuda" else ""))
     how = (f"each framework in {args.rounds} fresh processes of its own per model" if separate
            else "the frameworks taking turns in this process")
