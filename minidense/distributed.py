@@ -158,10 +158,8 @@ class MPICommunicator(Communicator):
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
         self._nccl = None
-        # The ranks of one machine share its cores: each rank's thread pool gets its share,
-        # unless MINIDENSE_NUM_THREADS says otherwise.
-        if not os.environ.get("MINIDENSE_NUM_THREADS"):
-            threads.set_num_threads(max(1, threads.available_cores() // self.local_size))
+        # The ranks of one machine share its cores: each rank's thread pool its share.
+        threads.share_cores(self.local_size)
 
     def __repr__(self):
         return (f"MPICommunicator(rank={self.rank}, size={self.size}, "
@@ -244,8 +242,9 @@ def init() -> Communicator:
 # ---------------------------------------------------------------------------
 class SyncBatchNormFunction(BatchNorm):
     """Batch normalisation whose training statistics are those of the global batch:
-    the per-channel sums are added up over the ranks, in two passes (the mean, then the
-    centred squares) as one process computes them; every rank's batch has the same size.  In the
+    the per-channel sums (``sum_over_batch``: the values' sum, then the squared deviations
+    about the global mean) are added up over the ranks; every rank's batch has the same
+    size.  In the
     backward pass the two sums of the batch-statistics term are added up too; the
     parameter gradients stay local, since ``average_gradients`` averages them."""
 

@@ -8,7 +8,8 @@ same time.
 
     md.set_num_threads(2)      # or MINIDENSE_NUM_THREADS=2 in the environment
     md.get_num_threads()       # default: the cores this process may run on (under
-                               # mpiexec, each rank's share of its machine's cores)
+                               # mpiexec, once distributed.init() has run, each
+                               # rank's share of its machine's cores: share_cores)
 
 Results do not depend on the number of threads.  Where a piece's result depends on
 where the piece is cut (batch norm sums over pieces), the pieces depend on the array's
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from . import backend
 
@@ -76,8 +77,19 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Split the CPU ops' element-wise passes over ``n`` threads (1: no pool)."""
+    _set(_check(n, "set_num_threads"))
+
+
+def share_cores(processes: int) -> None:
+    """The default for one of ``processes`` processes sharing this machine (the ranks
+    under mpiexec): its share of the machine's cores, and no more than it may run on.
+    A count the user chose (``MINIDENSE_NUM_THREADS``, ``set_num_threads``) stays."""
+    if _num_threads is None and not os.environ.get("MINIDENSE_NUM_THREADS"):
+        _set(max(1, min(available_cores(), (os.cpu_count() or 1) // max(processes, 1))))
+
+
+def _set(n: int) -> None:
     global _num_threads, _pool
-    n = _check(n, "set_num_threads")
     with _lock:
         if _pool is not None:
             _pool.shutdown(wait=True)
@@ -105,30 +117,45 @@ def split(length: int) -> list:
     return [slice(length * t // parts, length * (t + 1) // parts) for t in range(parts)]
 
 
+def map_split(fn, length: int, like=None) -> None:
+    """fn(slice) over ``split(length)`` on the threads; on a GPU (``like`` a CuPy
+    array) one call for the whole range, since one kernel launch does it all."""
+    if like is not None and _on_gpu(like):
+        fn(slice(0, length))
+    else:
+        map_pieces(fn, split(length))
+
+
 def map_pieces(fn, pieces, like=None) -> list:
     """``[fn(p) for p in pieces]``, the pieces dealt in contiguous runs to the threads
     (the calling thread takes the first run); results in piece order.  ``like``: an
-    array of the device the work is on (on a GPU the pieces run on this thread)."""
+    array of the device the work is on (on a GPU the pieces run on this thread).  If a
+    piece raises, the other runs are finished first, then the error is raised."""
     global _pool
     pieces = list(pieces)
     threads = min(get_num_threads(), len(pieces))
-    on_gpu = like is not None and backend.device_of(like) != "cpu"
-    if threads <= 1 or on_gpu or getattr(_inside, "worker", False):
+    if threads <= 1 or (like is not None and _on_gpu(like)) or getattr(_inside, "worker", False):
         return [fn(p) for p in pieces]
-    with _lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(get_num_threads() - 1, thread_name_prefix="minidense",
-                                       initializer=_mark_worker)
-        pool = _pool
     # Contiguous runs: neighbouring pieces share a thread (fewer hand-overs than one
     # task per piece); which thread runs a piece does not change its result.
     bounds = [len(pieces) * t // threads for t in range(threads + 1)]
     runs = [pieces[bounds[t]:bounds[t + 1]] for t in range(threads)]
-    futures = [pool.submit(_run, fn, run) for run in runs[1:]]
-    results = _run(fn, runs[0])
+    with _lock:   # so that set_num_threads cannot shut the pool down in between
+        if _pool is None:
+            _pool = ThreadPoolExecutor(get_num_threads() - 1, thread_name_prefix="minidense",
+                                       initializer=_mark_worker)
+        futures = [_pool.submit(_run, fn, run) for run in runs[1:]]
+    try:
+        results = _run(fn, runs[0])
+    finally:
+        wait(futures)   # no piece may still be writing when this returns or raises
     for future in futures:
         results += future.result()
     return results
+
+
+def _on_gpu(array) -> bool:
+    return backend.device_of(array) != "cpu"
 
 
 def _forget_pool_in_child():

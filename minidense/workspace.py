@@ -7,10 +7,12 @@ for it is cut from a named buffer of this workspace, grown as needed and reused 
 next call.  Arrays handed out under one name share memory: an op uses each name for
 one live array at a time.
 
-    md.workspace.nbytes()    # bytes the workspace holds (this thread's buffers)
+    md.workspace.nbytes()    # bytes the workspace holds (every thread's buffers)
     md.workspace.free()      # give them back (the next conv2d grows them again)
 
-Buffers are per thread.  Temporaries over ``KEEP_LIMIT`` bytes (a huge evaluation
+Buffers are per thread: each thread has its own under each name (the thread pool's
+threads keep piece-sized ones for batch norm), and ``nbytes`` and ``free`` cover them
+all.  Temporaries over ``KEEP_LIMIT`` bytes (a huge evaluation
 batch) are allocated afresh instead, so as not to hold that memory for good.  On
 CuPy the memory pool already recycles device memory: there ``get`` is ``xp.empty``.
 
@@ -32,6 +34,7 @@ import math
 import os
 import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -78,17 +81,29 @@ def get(name: str, shape, dtype, like):
 
 
 def nbytes() -> int:
-    """Bytes held by this thread's workspace buffers."""
-    return sum(buffer.nbytes for buffer in _kept().values())
+    """Bytes held by the workspace buffers of every thread."""
+    return sum(buffer.nbytes for kept in list(_every_thread) for buffer in list(kept.values()))
 
 
 def free() -> None:
-    """Drop this thread's buffers (arrays still using one keep it alive until they go)."""
-    _kept().clear()
+    """Drop every thread's buffers (arrays still using one keep it alive until they go)."""
+    for kept in list(_every_thread):
+        kept.clear()
+
+
+class _Kept(dict):
+    """One thread's buffers by name (a dict that a WeakSet can hold: hashed by identity)."""
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+_every_thread = weakref.WeakSet()   # each live thread's _Kept, for nbytes() and free()
 
 
 def _kept() -> dict:
     kept = getattr(_buffers, "kept", None)
     if kept is None:
-        kept = _buffers.kept = {}
+        kept = _buffers.kept = _Kept()
+        _every_thread.add(kept)
     return kept

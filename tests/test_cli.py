@@ -179,15 +179,13 @@ def test_a_missing_data_path(tmp_path):
 # Divergence: exit 3; the last good checkpoint stays and resumes
 # ---------------------------------------------------------------------------
 def test_a_huge_learning_rate_stops_the_run_without_a_checkpoint(tmp_path):
-    """lr 1000: the loss reaches ~1e13 in the first epoch and batch norm's statistics
-    overflow (a NaN loss, or non-finite running variances, whichever comes first: the
-    planted cases below pin each message down); nothing may be saved."""
+    """lr 1000: the loss reaches ~1e16 in the first epoch and BN running variances
+    overflow; nothing may be saved."""
     status, _, stderr = run(TINY + ["--lr", "1000", "--out", tmp_path / "run"], tmp_path)
     assert status == 3, stderr
     line = error_line(stderr)
     assert line.startswith("minidense-train: the run diverged at epoch 1, batch ")
-    assert "the loss is nan" in line or "running_var" in line
-    assert "Try a lower --lr (this run: 1000)" in line
+    assert "running_var" in line and "Try a lower --lr (this run: 1000)" in line
     assert "no checkpoint was written" in line
     assert not (tmp_path / "run" / "last.npz").exists()
     assert not (tmp_path / "run" / "best.npz").exists()

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -168,3 +169,72 @@ def test_training_steps_are_bitwise_the_same_on_every_thread_count(build, restor
     for other in finals[1:]:
         for key, want in finals[0].items():
             np.testing.assert_array_equal(other[key], want, err_msg=key)
+
+
+def test_an_error_in_one_piece_is_raised_after_every_other_piece_is_done(restore_threads):
+    md.set_num_threads(3)
+    done = []
+
+    def work(i):
+        if i == 0:
+            raise RuntimeError("piece 0")
+        time.sleep(0.02)
+        done.append(i)
+    with pytest.raises(RuntimeError, match="piece 0"):
+        threads.map_pieces(work, range(6))
+    assert sorted(done) == [2, 3, 4, 5]   # the other runs finished; piece 1 shared piece 0's run
+
+
+def test_share_cores_gives_each_rank_its_share_unless_the_user_chose(monkeypatch, restore_threads):
+    monkeypatch.delenv("MINIDENSE_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_num_threads", None)
+    threads.share_cores(2)
+    cores = min(threads.available_cores(), (os.cpu_count() or 1) // 2)
+    assert md.get_num_threads() == max(1, cores)
+    md.set_num_threads(3)
+    threads.share_cores(2)
+    assert md.get_num_threads() == 3              # set by the user: kept
+    monkeypatch.setattr(threads, "_num_threads", None)
+    monkeypatch.setenv("MINIDENSE_NUM_THREADS", "5")
+    threads.share_cores(2)
+    assert md.get_num_threads() == 5              # from the environment: kept
+
+
+def test_the_workspace_counts_and_frees_the_buffers_of_every_thread(restore_threads):
+    md.set_num_threads(2)
+    md.workspace.free()
+    assert md.workspace.nbytes() == 0
+    threads.map_pieces(lambda i: md.workspace.get(f"probe{i}", (1000,), np.float64, np.zeros(1)),
+                       range(2))   # one buffer on this thread, one on a pool thread
+    assert md.workspace.nbytes() == 2 * 8000
+    md.workspace.free()
+    assert md.workspace.nbytes() == 0
+
+
+def test_batch_norm_statistics_keep_float32_precision_when_the_first_image_is_unusual():
+    """The one-pass statistics shift by the first image's mean; an outlier image there
+    must not cost the variance its float32 digits (a second pass then takes over)."""
+    rng = np.random.default_rng(0)
+    x = (1000 + rng.standard_normal((64, 3, 4, 4))).astype(np.float32)
+    x[0] = 0
+    want = x.astype(np.float64).var(axis=(0, 2, 3))
+    running_var = np.zeros(3, np.float32)
+    y = md.batch_norm(md.tensor(x), md.tensor(np.ones(3, np.float32)), md.tensor(np.zeros(3, np.float32)),
+                      np.zeros(3, np.float32), running_var, training=True, momentum=1.0)
+    n = x.size // 3
+    np.testing.assert_allclose(running_var * (n - 1) / n, want, rtol=2e-6)
+    x64 = x.astype(np.float64)
+    want_y = (x64 - x64.mean(axis=(0, 2, 3), keepdims=True)) / np.sqrt(want.reshape(1, 3, 1, 1) + 1e-5)
+    np.testing.assert_allclose(y.numpy(), want_y, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_norm_statistics_that_overflow_are_infinite_not_nan():
+    x = np.full((4, 2, 3, 3), 1e19, np.float32)
+    x[0] = -1e19
+    running_var = np.ones(2, np.float32)
+    with np.errstate(over="ignore"):
+        y = md.batch_norm_relu(md.tensor(x), md.tensor(np.ones(2, np.float32)),
+                               md.tensor(np.zeros(2, np.float32)), np.zeros(2, np.float32),
+                               running_var, training=True)
+    assert np.isinf(running_var).all()
+    assert np.isfinite(y.numpy()).all()

@@ -77,7 +77,7 @@ def forward(x, w, stride, padding, expands=None):
                         y[...] = shifted
                     else:
                         y += shifted
-            threads.map_pieces(add_shifted, threads.split(size), like=x)
+            threads.map_split(add_shifted, size, like=x)
             first = False
     else:  # im2col
         patches = _patches(x_grids, grid)                 # (taps*C, size)
@@ -107,14 +107,14 @@ def backward(x, w, gy, stride, padding, want_gx, want_gw, expands=None):
 
         def shift(cols):   # column j of tap k's row block is gy_grid's column j - offset
             for k, offset in enumerate(grid.offsets):
-                lo, hi = max(cols.start, offset), min(cols.stop, offset + size)
+                lo, hi = _shifted_overlap(cols, offset, size)
                 if hi <= lo:
                     gy_shifted[k, :, cols] = 0
                     continue
                 gy_shifted[k, :, cols.start:lo] = 0
                 gy_shifted[k, :, lo:hi] = gy_grid[:, lo - offset:hi - offset]
                 gy_shifted[k, :, hi:cols.stop] = 0
-        threads.map_pieces(shift, threads.split(input_size), like=x)
+        threads.map_split(shift, input_size, like=x)
         for f, phase_taps in enumerate(grid.phase_taps):
             g = gy_shifted[phase_taps].reshape(-1, input_size)  # (taps of f * O, input_size)
             if len(g) == 0:
@@ -138,10 +138,10 @@ def backward(x, w, gy, stride, padding, want_gx, want_gw, expands=None):
             def col2im(cols):   # gx_grids' columns cols: each tap's patch gradient added
                 gx_grids[:, :, cols] = 0
                 for k, (f, offset) in enumerate(zip(grid.tap_phase, grid.offsets)):
-                    lo, hi = max(cols.start, offset), min(cols.stop, offset + size)
+                    lo, hi = _shifted_overlap(cols, offset, size)
                     if lo < hi:
                         gx_grids[f][:, lo:hi] += patch_grads[k][:, lo - offset:hi - offset]
-            threads.map_pieces(col2im, threads.split(input_size), like=x)
+            threads.map_split(col2im, input_size, like=x)
     gx = gw = None
     if want_gx:
         gx = grid.image_from_phases(gx_grids, x.dtype)
@@ -167,6 +167,12 @@ def backward_pointwise(x, w, gy, want_gx, want_gw):
     return gx, gw
 
 
+def _shifted_overlap(cols, offset, size):
+    """The columns of ``cols`` that a slice of ``size`` columns shifted by ``offset``
+    covers, as (lo, hi); empty when hi <= lo."""
+    return max(cols.start, offset), min(cols.stop, offset + size)
+
+
 def _weight_taps(w, grid, dtype):
     """The weights (O, C, kh, kw) as (O, C, taps), taps in the grid's order."""
     kys, kxs = zip(*grid.taps)
@@ -182,7 +188,7 @@ def _patches(x_grids, grid):
     def copy(cols):
         for k, (f, offset) in enumerate(zip(grid.tap_phase, grid.offsets)):
             patches[k][:, cols] = x_grids[f][:, cols.start + offset:cols.stop + offset]
-    threads.map_pieces(copy, threads.split(grid.size), like=x_grids)
+    threads.map_split(copy, grid.size, like=x_grids)
     return patches.reshape(-1, grid.size)
 
 
@@ -249,7 +255,7 @@ class TapGrid:
 
     def _on_images(self, fn, like):
         """fn(slice of images) over the batch, one slice per thread."""
-        threads.map_pieces(fn, threads.split(self.image_shape[0]), like=like)
+        threads.map_split(fn, self.image_shape[0], like=like)
 
     def phases(self, x, out):
         """Fill ``out`` (sy*sx, C, input_size) with the phases of zero-padded ``x`` (N, C, H, W)

@@ -113,10 +113,10 @@ class BatchNorm(Function):
         # Piece by piece (in cache, on the threads): x - mean recomputed, the ReLU's mask
         # recomputed by the forward's own operations, and the two per-channel sums.
         def sums(part):
-            centred = np.subtract(x[part], mean_i, out=_scratch(x[part]))
+            centred = _centred(x, part, mean_i)
             g = gy[part]
             if self.relu:
-                before_relu = np.multiply(centred, scale_i, out=_scratch(x[part], "mask"))
+                before_relu = np.multiply(centred, scale_i, out=_scratch(x[part], "mask"))  # as forward
                 before_relu += beta_i
                 g = np.multiply(g, before_relu > 0, out=gx[part], dtype=gx.dtype)
             return _channel_sum(g), _channel_dot(g, centred)
@@ -135,7 +135,7 @@ class BatchNorm(Function):
             k_centred = _per_image((-sum_gy_x_hat / count * inv_std).astype(gx.dtype, copy=False), x)
 
             def input_gradient(part):
-                centred = np.subtract(x[part], mean_i, out=_scratch(x[part]))
+                centred = _centred(x, part, mean_i)
                 centred *= k_centred
                 out = np.subtract(gy[part], k_gy, out=gx[part])
                 out += centred
@@ -172,10 +172,12 @@ class BatchNorm(Function):
         """(mean, biased variance, values per channel) over every axis but 1, the sums
         through ``sum_over_batch``.  ``fused`` (CuPy): the mean, then the squared
         deviations in one reduction kernel.  NumPy: one visit per piece, in cache, gives
-        the sums of x - K and of its squares, K per channel the first image's mean (a
-        value close to the batch mean, so that no precision is lost to cancellation:
-        the "shifted data" algorithm); the squared deviations about the batch mean follow
-        from them, without a second pass over memory."""
+        the sums of x - K and of its squares, K per channel the first image's mean (the
+        "shifted data" algorithm); the squared deviations about the batch mean follow
+        from them without a second pass over memory.  That loses precision to
+        cancellation when K lies far from the batch mean (an unusual first image), so
+        then, and only then, a second pass sums (x - mean)^2 itself; an overflowing sum
+        of squares stays infinite, never NaN."""
         count = self.values_per_channel(x)
         if fused:
             mean = self.sum_over_batch(_channel_sum(x)) / count
@@ -187,14 +189,26 @@ class BatchNorm(Function):
         shift_i = _per_image(shift, x)
 
         def piece_sums(part):
-            shifted = np.subtract(x[part], shift_i, out=_scratch(x[part]))
+            shifted = _centred(x, part, shift_i)
             return _channel_sum(shifted), _channel_dot(shifted, shifted)
 
-        sums = threads.map_pieces(piece_sums, threads.batch_pieces(x))
+        pieces = threads.batch_pieces(x)
+        sums = threads.map_pieces(piece_sums, pieces)
         s1, s2 = _sum_in_order(s for s, _ in sums), _sum_in_order(q for _, q in sums)
         mean = self.sum_over_batch(n * shift + s1) / count
         d = mean - shift
-        squares = s2 - 2 * d * s1 + n * d * d         # the sum of (x - mean)^2 here
+        with np.errstate(invalid="ignore", over="ignore"):
+            spread = n * d * d
+            squares = np.where(np.isfinite(s2), s2 - 2 * d * s1 + spread, s2)  # sum of (x - mean)^2
+        # Cancellation costs about eps * spread / squares of relative precision: past
+        # 16x (a few float32 units), sum the squared deviations about the mean itself.
+        if np.any(spread > 16 * squares):
+            mean_i = _per_image(mean.astype(x.dtype, copy=False), x)
+
+            def squared_deviations(part):
+                centred = _centred(x, part, mean_i)
+                return _channel_dot(centred, centred)
+            squares = _sum_in_order(threads.map_pieces(squared_deviations, pieces))
         return mean, np.maximum(self.sum_over_batch(squares) / count, 0), count
 
     def values_per_channel(self, x):
@@ -213,8 +227,9 @@ class BatchNorm(Function):
 
 class BatchNormReLU(BatchNorm):
     """relu(batch_norm(x)) as one op: the same passes as BatchNorm, the ReLU applied in
-    the forward pass and its mask recomputed in backward from x_hat, gamma and beta.
-    Keeps: what BatchNorm keeps, and beta; no ReLU output."""
+    the forward pass and its mask recomputed in backward by the forward's own operations
+    (on CuPy from x_hat, gamma and beta).  Keeps: what BatchNorm keeps, and beta; no
+    ReLU output."""
 
     relu = True
 
@@ -225,6 +240,11 @@ def _sum_in_order(parts):
     for part in parts:
         total = total + part
     return total
+
+
+def _centred(x, part, shift_image):
+    """x[part] - shift, in this thread's scratch buffer (the piece stays in cache)."""
+    return np.subtract(x[part], shift_image, out=_scratch(x[part]))
 
 
 def _scratch(piece, name="centred"):
@@ -270,12 +290,14 @@ def _channel_sum(x):
 
 
 def _channel_dot(a, b):
-    """Per channel, the sum of a*b over every axis but 1, with no temporary array:
-    einsum on NumPy; on CuPy, whose einsum copies both operands, a reduction kernel
-    (chosen per backend here)."""
+    """Per channel, the sum of a*b over every axis but 1, with no product array.
+    Chosen per backend: on NumPy, a row times a column per (image, channel), matmul's
+    stacked dot products (1.7x faster than einsum; a piece whose images are not
+    contiguous is copied first); on CuPy, whose einsum copies both operands, a
+    reduction kernel."""
     if backend.device_of(a) == "cuda":
         return _reduce("channel_dot", a, b)
-    n, c = a.shape[:2]   # a row times a column per (image, channel): faster than einsum
+    n, c = a.shape[:2]
     return np.matmul(a.reshape(n, c, 1, -1), b.reshape(n, c, -1, 1)).reshape(n, c).sum(axis=0)
 
 
