@@ -22,8 +22,9 @@ run resumed with another thread count stays exact.
 
 Global state, here only: the pool (a ``concurrent.futures.ThreadPoolExecutor``,
 made on first use, replaced by ``set_num_threads``) and the thread count.  Given
-CuPy arrays (``like=``), ``map_pieces`` runs the pieces one after another on the
-calling thread: the GPU has its own parallelism.
+CuPy arrays (``like``), ``map_split`` makes one call for the whole range on the calling
+thread: the GPU has its own parallelism (batch norm and the ReLU never send CuPy work
+here).
 
 OpenBLAS's own threads keep spinning on their cores for a while after each matrix
 product, waiting for the next one; on a machine with few cores they would take the
@@ -117,24 +118,23 @@ def split(length: int) -> list:
     return [slice(length * t // parts, length * (t + 1) // parts) for t in range(parts)]
 
 
-def map_split(fn, length: int, like=None) -> None:
+def map_split(fn, length: int, like) -> None:
     """fn(slice) over ``split(length)`` on the threads; on a GPU (``like`` a CuPy
     array) one call for the whole range, since one kernel launch does it all."""
-    if like is not None and _on_gpu(like):
+    if backend.device_of(like) != "cpu":
         fn(slice(0, length))
     else:
         map_pieces(fn, split(length))
 
 
-def map_pieces(fn, pieces, like=None) -> list:
+def map_pieces(fn, pieces) -> list:
     """``[fn(p) for p in pieces]``, the pieces dealt in contiguous runs to the threads
-    (the calling thread takes the first run); results in piece order.  ``like``: an
-    array of the device the work is on (on a GPU the pieces run on this thread).  If a
-    piece raises, the other runs are finished first, then the error is raised."""
+    (the calling thread takes the first run); results in piece order.  If a piece
+    raises, the other runs are finished first, then the error is raised."""
     global _pool
     pieces = list(pieces)
     threads = min(get_num_threads(), len(pieces))
-    if threads <= 1 or (like is not None and _on_gpu(like)) or getattr(_inside, "worker", False):
+    if threads <= 1 or getattr(_inside, "worker", False):
         return [fn(p) for p in pieces]
     # Contiguous runs: neighbouring pieces share a thread (fewer hand-overs than one
     # task per piece); which thread runs a piece does not change its result.
@@ -152,10 +152,6 @@ def map_pieces(fn, pieces, like=None) -> list:
     for future in futures:
         results += future.result()
     return results
-
-
-def _on_gpu(array) -> bool:
-    return backend.device_of(array) != "cpu"
 
 
 def _forget_pool_in_child():
