@@ -18,6 +18,7 @@ if "numpy" not in _sys.modules:
 from . import backend
 from .autograd import Function, Tensor, as_tensor, enable_grad, is_grad_enabled, no_grad, tensor
 from .backend import cuda_available, manual_seed
+from .fast_paths import plain_ops
 from .functions.array import as_tuple as _as_tuple
 from .functions import (
     CONV_ALGORITHMS, add, avg_pool2d, batch_norm, batch_norm_relu, concat, conv2d, conv_algorithm,

@@ -29,24 +29,31 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import threading
 import weakref
 
 import numpy as np
 
-from . import backend, profiling
+from . import backend
 
 # ---------------------------------------------------------------------------
-# Grad mode
+# Grad mode: per thread, as in PyTorch, so that a thread evaluating under no_grad
+# does not switch off the graph of another thread that is training.
 # ---------------------------------------------------------------------------
-_grad_enabled = True
+class _ThreadState(threading.local):
+    grad_enabled = True     # the class attribute is every new thread's starting value
+
+
+_state = _ThreadState()
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    return _state.grad_enabled
 
 
 class _GradMode(contextlib.ContextDecorator):
-    """Sets grad mode inside a ``with`` block or a decorated function, and restores it.
+    """Sets this thread's grad mode inside a ``with`` block or a decorated function,
+    and restores it.
 
     As a decorator, one object serves every call of the function, so a recursive call
     enters it again before leaving: the modes to restore are kept on a stack.
@@ -57,23 +64,30 @@ class _GradMode(contextlib.ContextDecorator):
         self.modes_to_restore = []
 
     def __enter__(self):
-        global _grad_enabled
-        self.modes_to_restore.append(_grad_enabled)
-        _grad_enabled = self.enabled
+        self.modes_to_restore.append(_state.grad_enabled)
+        _state.grad_enabled = self.enabled
 
     def __exit__(self, *exc):
-        global _grad_enabled
-        _grad_enabled = self.modes_to_restore.pop()
+        _state.grad_enabled = self.modes_to_restore.pop()
         return False
 
 
 def no_grad():
-    """Context manager and decorator: ops inside record no graph."""
+    """Context manager and decorator: ops inside record no graph (in this thread)."""
     return _GradMode(False)
 
 
 def enable_grad():
     return _GradMode(True)
+
+
+# ---------------------------------------------------------------------------
+# The observer: where a profiler hooks into the engine.  None, or an object with
+# ``now()``, ``record_forward(name, start, kept_bytes)`` and
+# ``record_backward(name, start)`` (``minidense.profiling.Profiler`` sets itself
+# here while it records).  Process-wide: one profiler records every thread's ops.
+# ---------------------------------------------------------------------------
+observer = None
 
 
 # ---------------------------------------------------------------------------
@@ -176,7 +190,19 @@ class Tensor:
         return self.grad_fn is None
 
     def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor: it has no first axis (use .item() for its value)")
         return len(self.data)
+
+    def __bool__(self):
+        # As NumPy and PyTorch: only a one-element tensor has a truth value.  Without
+        # this, bool() would fall back to __len__, and ``assert a == b`` would pass for
+        # any one-element a and b.
+        if self.data.size != 1:
+            raise RuntimeError(f"the truth value of a tensor of shape {tuple(self.shape)} is "
+                               f"ambiguous: only one-element tensors have one (reduce it first, "
+                               f"for example bool((a == b).data.all()))")
+        return bool(self.data.reshape(()))
 
     def __repr__(self):
         body = np.array2string(self.numpy(), separator=", ", precision=4, threshold=20)
@@ -221,7 +247,7 @@ class Tensor:
         return np.array(backend.to_numpy(self.data), copy=True)
 
     def item(self):
-        if self.size != 1:
+        if self.data.size != 1:
             raise ValueError(f"item(): only a one-element tensor converts to a Python number, "
                              f"got shape {self.shape}")
         return self.data.reshape(()).item()
@@ -229,33 +255,8 @@ class Tensor:
     def tolist(self):
         return self.numpy().tolist()
 
-    def to(self, device=None, dtype=None) -> "Tensor":
-        """A copy on ``device`` and/or in ``dtype`` (self when nothing changes).
-
-        Gradients flow back through the move, so a model can be moved mid-graph.
-        """
-        from .functions.array import to_device_and_dtype
-        device = backend.check_device(device) if device is not None else self.device
-        if device == self.device and (dtype is None or np.dtype(dtype) == self.dtype):
-            return self
-        return to_device_and_dtype(self, device, dtype)
-
-    def cpu(self):
-        return self.to("cpu")
-
-    def cuda(self):
-        return self.to("cuda")
-
-    def float(self):
-        return self.to(dtype=np.float32)
-
-    def double(self):
-        return self.to(dtype=np.float64)
-
-    def astype(self, dtype):
-        return self.to(dtype=dtype)
-
-    # Operators and methods (sum, reshape, ...) are attached in ``functions``.
+    # Operators and methods built on ops (+, sum, reshape, to, ...) are attached by
+    # ``minidense.functions``, which defines the ops: this module imports no op.
 
 
 def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor:
@@ -297,20 +298,26 @@ class Function:
     arrays.  ``forward`` returns an array or a tuple of arrays and calls
     ``save_for_backward`` with exactly the arrays ``backward`` will need; small
     non-array facts (shapes, axes) go in plain attributes.  ``backward`` returns one
-    gradient per input (or None for an input that gets none); it receives None for an
-    output whose gradient is zero only when ``accepts_none_grads`` is set, otherwise
-    zeros.
+    gradient per input (or None for an input that gets none); an output that got no
+    gradient receives zeros.
+
+    A Function object is one node of one graph, so it is called once: ``Mul()(a, b)``.
+    A second call would overwrite the first call's saved arrays and edges, and the
+    first graph's backward would silently use the second's, so it raises instead.
     """
 
-    accepts_none_grads = False
-
     def __call__(self, *inputs):
+        if "needs_input_grad" in self.__dict__:
+            name = type(self).__name__
+            raise RuntimeError(f"{name}: this Function object was already called; a Function "
+                               f"is one node of the graph and is used once: make a new one "
+                               f"for each call ({name}(...)(inputs))")
         tensors = [as_tensor(x) for x in inputs]
         _check_same_device(type(self).__name__, tensors)
         self.needs_input_grad = tuple(t.requires_grad for t in tensors)
-        record = _grad_enabled and any(self.needs_input_grad)
+        record = _state.grad_enabled and any(self.needs_input_grad)
         self.saved = ()
-        prof = profiling.active
+        prof = observer
         if prof is not None:
             start = prof.now()
         outputs = self.forward(*[t.data for t in tensors])
@@ -397,7 +404,7 @@ def run_backward(root: Tensor, grad=None, retain_graph: bool = False) -> None:
                            "(did you forget requires_grad=True, or run under no_grad?)")
     xp = backend.get_array_module(root.data)
     if grad is None:
-        if root.size != 1:
+        if root.data.size != 1:
             raise RuntimeError(f"backward: grad can be implicitly created only for a scalar output, "
                                f"got shape {root.shape}; pass backward(grad) with that shape")
         grad = xp.ones(root.shape, dtype=root.dtype)
@@ -435,13 +442,13 @@ def _call_backward(node: Function, grad_outputs, retain_graph: bool):
         output = ref()
         if output is not None and output._retain_grad and grad is not None:
             _accumulate_into_grad(output, grad)
-    if not node.accepts_none_grads:
+    if any(g is None for g in grad_outputs):
         # Zeros on the node's own device (a graph can cross devices with .to()): the
         # array module of a gradient that arrived; a queued node has at least one.
         xp = backend.get_array_module(next(g for g in grad_outputs if g is not None))
         grad_outputs = [g if g is not None else xp.zeros(shape, dtype)
                         for g, (shape, dtype) in zip(grad_outputs, node.output_meta)]
-    prof = profiling.active
+    prof = observer
     if prof is None:
         grad_inputs = node.backward(*grad_outputs)
     else:

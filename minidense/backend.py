@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 
 import numpy as np
@@ -110,6 +111,42 @@ def host_nested(data):
             item = container[i] = list(item)
             stack.extend((item, j) for j in range(len(item)))
     return root[0]
+
+
+def joined_view(arrays, axis: int):
+    """``arrays`` joined along ``axis`` as a view, when they are views that already lie
+    side by side in one allocation (as a DenseNet block's features do in its shared
+    storage); None otherwise.  Their shapes must agree off ``axis`` (the caller checks)."""
+    first = arrays[0]
+    if any(a.base is None for a in arrays):
+        return None
+    root, address = _allocation(first), _address(first)
+    for a in arrays:
+        if (_allocation(a) is not root or a.strides != first.strides or a.dtype != first.dtype
+                or _address(a) != address):
+            return None
+        address += a.shape[axis] * a.strides[axis]
+    shape = list(first.shape)
+    shape[axis] = sum(a.shape[axis] for a in arrays)
+    return get_array_module(first).lib.stride_tricks.as_strided(first, tuple(shape), first.strides)
+
+
+def _allocation(array):
+    """The array that owns ``array``'s memory: the end of its chain of bases (through
+    the holder objects that NumPy's as_strided puts in between)."""
+    base = array.base
+    while base is not None:
+        if is_array(base):
+            array = base
+        base = getattr(base, "base", None)
+    return array
+
+
+def _address(array) -> int:
+    """The address of ``array``'s first element."""
+    if get_array_module(array) is np:
+        return array.__array_interface__["data"][0]
+    return array.data.ptr
 
 
 def scatter_add(target, index, values) -> None:
@@ -285,25 +322,84 @@ class MemoryCounter:
 
 
 # ---------------------------------------------------------------------------
-# CuPy kernels, compiled once per process on first use.
+# The registry of CUDA kernels.  Each kernel's source sits next to the op it serves
+# (im2col and col2im in functions/_utils.py, batch norm's in functions/normalization.py,
+# the optimizers' in optim/optimizer.py, the augmentation in data/loader.py), which
+# registers it when imported; so ``import minidense`` registers every kernel.  This
+# registry compiles a kernel with CuPy on its first use (CuPy compiles the source with
+# NVRTC on first launch and caches the binary per dtype).
 # ---------------------------------------------------------------------------
-_kernels = {}
+@dataclasses.dataclass(frozen=True)
+class CudaKernel:
+    """One kernel: its CuPy source and how its callers call it.
+
+    * ``kind``: "elementwise" (``cupy.ElementwiseKernel``; ``body`` is the operation) or
+      "reduction" (``cupy.ReductionKernel``; ``body`` is (map_expr, reduce_expr,
+      post_map_expr, identity)).
+    * ``in_params``, ``out_params``: CuPy's parameter lists ("T x, raw T col, int32 H").
+    * ``dtypes``: the dtypes its callers pass for the type placeholder ``T``.
+    * ``scalars``: the parameters (not ``raw``) its callers pass as Python or NumPy
+      scalars rather than arrays; CuPy's generated code differs between the two.
+    * ``reduce_axes``: for a reduction, the axes its callers reduce over (of arrays of
+      ``len(reduce_axes) + 1`` dimensions).
+    * ``where``: the module that defines it (for messages and the compile test).
+
+    ``dtypes``, ``scalars`` and ``reduce_axes`` change nothing at run time: they declare
+    the calls, so that a test can have CuPy generate, and NVRTC compile, every variant
+    the package launches, on a machine without a GPU."""
+
+    name: str
+    kind: str
+    in_params: str
+    out_params: str
+    body: object
+    dtypes: tuple = ("float16", "float32", "float64")
+    scalars: tuple = ()
+    reduce_axes: tuple = ()
+    where: str = ""
+
+
+CUDA_KERNELS = {}   # name -> CudaKernel: every kernel of the package, once imported
+_compiled = {}      # name -> the CuPy kernel object, made on first use
+
+
+def register_cuda_kernel(name, kind, in_params, out_params, body, *,
+                         dtypes=("float16", "float32", "float64"),
+                         scalars=(), reduce_axes=(), where=""):
+    """Add a kernel to ``CUDA_KERNELS`` (see ``CudaKernel``); returns its name."""
+    if kind not in ("elementwise", "reduction"):
+        raise ValueError(f"register_cuda_kernel: kind must be 'elementwise' or 'reduction', "
+                         f"got {kind!r}")
+    if name in CUDA_KERNELS and CUDA_KERNELS[name].body != body:
+        raise ValueError(f"register_cuda_kernel: a different kernel {name!r} is already "
+                         f"registered (from {CUDA_KERNELS[name].where})")
+    CUDA_KERNELS[name] = CudaKernel(name, kind, in_params, out_params, body, tuple(dtypes),
+                                    tuple(scalars), tuple(reduce_axes), where)
+    return name
+
+
+def register_index_variants(name, in_params, out_params, body, **declared):
+    """Two kernels from a ``body`` written with ``IDX`` for flat indices: ``name_i32``
+    with int, ``name_i64`` with ptrdiff_t (see ``index_kernel``)."""
+    for suffix, index_type in (("_i32", "int"), ("_i64", "ptrdiff_t")):
+        register_cuda_kernel(name + suffix, "elementwise", in_params, out_params,
+                             body.replace("IDX", index_type), **declared)
+    return name
 
 
 def cuda_kernel(name: str):
-    """A CuPy ElementwiseKernel (or ReductionKernel) from ``CUDA_KERNELS``, built once
-    and cached; CuPy compiles it on first launch and caches the binary per dtype."""
-    kernel = _kernels.get(name)
+    """The CuPy kernel ``name`` of ``CUDA_KERNELS``, built once and cached."""
+    kernel = _compiled.get(name)
     if kernel is None:
         spec = CUDA_KERNELS[name]
-        if spec[0] == "reduction":
-            _, in_params, out_params, map_expr, reduce_expr, post_map, identity = spec
-            kernel = _cupy.ReductionKernel(in_params, out_params, map_expr, reduce_expr,
+        if spec.kind == "reduction":
+            map_expr, reduce_expr, post_map, identity = spec.body
+            kernel = _cupy.ReductionKernel(spec.in_params, spec.out_params, map_expr, reduce_expr,
                                            post_map, identity, "minidense_" + name)
         else:
-            in_params, out_params, body = spec
-            kernel = _cupy.ElementwiseKernel(in_params, out_params, body, "minidense_" + name)
-        _kernels[name] = kernel
+            kernel = _cupy.ElementwiseKernel(spec.in_params, spec.out_params, spec.body,
+                                             "minidense_" + name)
+        _compiled[name] = kernel
     return kernel
 
 
@@ -312,166 +408,6 @@ def index_kernel(name: str, *sizes):
     fewer than 2**31 elements, the 64-bit one otherwise: 64-bit division, which the
     index arithmetic is made of, is several times slower on a GPU."""
     return cuda_kernel(name + ("_i32" if max(sizes) < 2 ** 31 else "_i64"))
-
-
-# im2col: one thread per element of col; a gather from x, PAD outside the image (0, or
-# -inf for max pooling).  Two layouts of col:
-# "image" (N, C, KH, KW, OH, OW), for pooling, and "rows" (C, KH, KW, N, OH, OW), the
-# (C*KH*KW, N*OH*OW) patch matrix of a convolution, which then needs only 2-D GEMMs.
-# col2im: one thread per element of x (N, C, H, W); a gather from col, so the
-# result is deterministic (no atomics), as in Chainer.  Coordinates within an image
-# are int; flat indices are IDX (int or ptrdiff_t, see index_kernel).
-_IM2COL_BODY = """
-    IDX t = i;
-    int ox = t % OW; t /= OW;
-    int oy = t % OH; t /= OH;
-    IDX nc;
-    int ky, kx;
-    if (ROWS) {
-        IDX n = t % N; t /= N;
-        kx = t % KW; t /= KW;
-        ky = t % KH;
-        nc = n * C + t / KH;
-    } else {
-        kx = t % KW; t /= KW;
-        ky = t % KH;
-        nc = t / KH;
-    }
-    int y = oy * SY - PH + ky;
-    int x_ = ox * SX - PW + kx;
-    col = (0 <= y && y < H && 0 <= x_ && x_ < W) ? x[(nc * H + y) * W + x_] : PAD;
-"""
-
-_COL2IM_BODY = """
-    IDX t = i;
-    int xx = t % W + PW; t /= W;
-    int yy = t % H + PH;
-    IDX nc = t / H;
-    IDX base, ky_stride;        // col index of (nc, ky=0, kx=0, oy=0, ox=0), and per ky
-    IDX kx_stride;
-    if (ROWS) {
-        IDX n = nc / C, c = nc % C;
-        kx_stride = (IDX)N * OH * OW;
-        ky_stride = kx_stride * KW;
-        base = c * KH * ky_stride + n * OH * OW;
-    } else {
-        kx_stride = (IDX)OH * OW;
-        ky_stride = kx_stride * KW;
-        base = nc * KH * ky_stride;
-    }
-    T acc = 0;
-    for (int ky = 0; ky < KH; ++ky) {
-        int oy = yy - ky;
-        if (oy < 0 || oy % SY != 0) continue;
-        oy /= SY;
-        if (oy >= OH) continue;
-        for (int kx = 0; kx < KW; ++kx) {
-            int ox = xx - kx;
-            if (ox < 0 || ox % SX != 0) continue;
-            ox /= SX;
-            if (ox >= OW) continue;
-            acc += col[base + ky * ky_stride + kx * kx_stride + (IDX)oy * OW + ox];
-        }
-    }
-    x = acc;
-"""
-
-_GEOMETRY = ("int32 N, int32 C, int32 H, int32 W, int32 OH, int32 OW, int32 KH, int32 KW, "
-             "int32 SY, int32 SX, int32 PH, int32 PW, bool ROWS")
-
-
-def _index_variants(name, in_params, out_params, body):
-    return {name + "_i32": (in_params, out_params, body.replace("IDX", "int")),
-            name + "_i64": (in_params, out_params, body.replace("IDX", "ptrdiff_t"))}
-
-
-# Optimizer updates, one thread per parameter element and one launch per parameter
-# (instead of about 8 elementwise launches for SGD and 12 for Adam).  The arithmetic
-# is that of the NumPy path in optim/optimizer.py, operation for operation; scalars
-# computed on the host (1 - dampening, ...) come in as T.
-_SGD_BODY = """
-    T g = grad;
-    if (weight_decay != (T)0) g = g + weight_decay * p;
-    buf = first ? g : buf * momentum + one_minus_dampening * g;
-    g = nesterov ? g + momentum * buf : buf;
-    p = p - lr * g;
-"""
-
-_SGD_PLAIN_BODY = """
-    T g = grad;
-    if (weight_decay != (T)0) g = g + weight_decay * p;
-    p = p - lr * g;
-"""
-
-_ADAM_BODY = """
-    T g = grad;
-    if (decay_factor != (T)1) p = p * decay_factor;
-    if (weight_decay != (T)0) g = g + weight_decay * p;
-    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg);
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * g * g;
-    T denom = sqrt(exp_avg_sq) / bias2_sqrt + eps;
-    p = p - step_size * (exp_avg / denom);
-"""
-
-# Batch norm (with an optional ReLU fused in): per-channel reductions over axes (0, 2)
-# of an (N, C, L) view, and one elementwise pass each way with per-channel (1, C, 1)
-# arrays broadcast.  The ReLU mask is recomputed from x_hat, gamma and beta with the
-# forward's own expression, so no ReLU output is kept.  Same order of operations as
-# the NumPy path in functions/normalization.py.
-_BN_FORWARD_BODY = """
-    x_hat = (x - mean) * inv_std;
-    T v = x_hat * gamma + beta;
-    y = (RELU && !(v > (T)0)) ? (T)0 : v;
-"""
-
-_BN_BACKWARD_BODY = """
-    T r = (RELU && !(x_hat * gamma + beta > (T)0)) ? (T)0 : gy;
-    gx = ((x_hat * neg_mean_gxh + r) - mean_gy) * scale;
-"""
-
-# The batch augmentation: one thread per element of the float NCHW batch, reading the
-# uint8 NHWC images: the 4-pixel zero-padded crop at the batch's offsets (in padded
-# coordinates), the horizontal flip, the transpose and x * scale + shift per channel,
-# in one pass (NumPy's path: data/loader.py random_crop_flip and normalize).
-_AUGMENT_BODY = """
-    int x = i % W;
-    int t = i / W;
-    int y = t % H; t /= H;
-    int c = t % C;
-    int n = t / C;
-    int top = AUGMENT ? (int)offsets[2 * n] : PAD;
-    int left = AUGMENT ? (int)offsets[2 * n + 1] : PAD;
-    int col = (AUGMENT && flips[n]) ? W - 1 - x : x;
-    int yy = y + top - PAD, xx = col + left - PAD;
-    T v = (0 <= yy && yy < H && 0 <= xx && xx < W) ? (T)images[((n * H + yy) * W + xx) * C + c] : (T)0;
-    out = v * scale[c] + shift[c];
-"""
-
-_RELU_MASKED = "((x_hat * gamma + beta > (T)0) ? gy : (T)0)"
-
-CUDA_KERNELS = {
-    "augment": ("raw uint8 images, raw int64 offsets, raw bool flips, raw T scale, raw T shift, "
-                "int32 H, int32 W, int32 C, int32 PAD, bool AUGMENT", "T out", _AUGMENT_BODY),
-    "channel_dot": ("reduction", "T x, T z", "T y", "x * z", "a + b", "y = a", "0"),
-    "channel_squared_deviation": ("reduction", "T x, T m", "T y", "(x - m) * (x - m)", "a + b",
-                                  "y = a", "0"),
-    "relu_masked_sum": ("reduction", "T gy, T x_hat, T gamma, T beta", "T y", _RELU_MASKED,
-                        "a + b", "y = a", "0"),
-    "relu_masked_dot": ("reduction", "T gy, T x_hat, T gamma, T beta", "T y",
-                        _RELU_MASKED + " * x_hat", "a + b", "y = a", "0"),
-    "bn_forward": ("T x, T mean, T inv_std, T gamma, T beta, bool RELU", "T x_hat, T y",
-                   _BN_FORWARD_BODY),
-    "bn_backward": ("T gy, T x_hat, T gamma, T beta, T scale, T mean_gy, T neg_mean_gxh, bool RELU",
-                    "T gx", _BN_BACKWARD_BODY),
-    "sgd_update": ("T grad, T lr, T weight_decay, T momentum, T one_minus_dampening, "
-                   "bool nesterov, bool first", "T p, T buf", _SGD_BODY),
-    "sgd_plain_update": ("T grad, T lr, T weight_decay", "T p", _SGD_PLAIN_BODY),
-    "adam_update": ("T grad, T decay_factor, T weight_decay, T one_minus_beta1, T beta2, "
-                    "T one_minus_beta2, T bias2_sqrt, T eps, T step_size",
-                    "T p, T exp_avg, T exp_avg_sq", _ADAM_BODY),
-    **_index_variants("im2col", "raw T x, " + _GEOMETRY + ", T PAD", "T col", _IM2COL_BODY),
-    **_index_variants("col2im", "raw T col, " + _GEOMETRY, "T x", _COL2IM_BODY),
-}
 
 
 def use_gpu(index: int) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 from . import backend, threads
 from .functions.normalization import BatchNorm
 from .nn.layers import BatchNorm2d, BatchNormReLU2d
+from .nn import fusion
 
 # (rank, size) variables that MPI launchers set: Open MPI, MPICH/Hydra and Intel MPI
 # (PMI), PMIx, MVAPICH.  They are read before MPI starts, so that a bad option is
@@ -297,6 +298,7 @@ class SyncBatchNormReLU2d(SyncBatchNorm2d, BatchNormReLU2d):
 
 
 _SYNCED = {BatchNorm2d: SyncBatchNorm2d, BatchNormReLU2d: SyncBatchNormReLU2d}
+fusion._FUSED[SyncBatchNorm2d] = SyncBatchNormReLU2d   # nn.fuse_bn_relu of a synced BN
 
 
 def sync_batchnorm(module, comm: Communicator):

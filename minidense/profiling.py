@@ -29,9 +29,12 @@ import json
 import time
 from pathlib import Path
 
-from . import backend
+from . import autograd, backend
 
-# The recording profiler, or None: the one global the hooks in autograd and optim read.
+# The recording profiler, or None: the one global that ``region`` (the optimizer, the
+# trainer) reads.  While it records, the profiler is also ``autograd.observer``, the
+# engine's hook, so the engine needs to know nothing of this module.  Process-wide, not
+# per thread: one profiler records every thread's ops.
 active = None
 
 
@@ -54,7 +57,7 @@ class Profiler:
         global active
         if active is not None and active is not self:
             raise RuntimeError("md.profiler: another profiler is already recording")
-        active = self
+        active = autograd.observer = self
         self._started = self.now()
         if self._origin is None:
             self._origin = self._started
@@ -64,7 +67,7 @@ class Profiler:
         global active
         if active is self:
             self.recorded_s += self.now() - self._started
-            active = None
+            active = autograd.observer = None
 
     __enter__ = start
 

@@ -14,7 +14,7 @@ Two things must not differ between the two runs of ``fn``:
   of the snapshot replaces it during the recomputation, so dropout draws the same mask
   and the global generator's stream is the same as without recomputation;
 * side effects: batch norm updates its running statistics in the forward run only.
-  The global flag below tells it that a recomputation is under way.
+  The per-thread flag below tells it that a recomputation is under way.
 
 Parameters: ``fn`` may close over parameters (a Module's).  Their gradients are
 accumulated into ``.grad`` by the inner backward, as the ordinary pass does; they are
@@ -24,28 +24,33 @@ that the node is recorded even when no input needs a gradient.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from . import backend
 from .autograd import Function, Tensor, enable_grad, is_grad_enabled, no_grad
 
-# Global state: True while a recompute node runs its function again in backward.
-# Read by BatchNorm (functions/normalization.py) to skip the running-statistics update.
-_recomputing = False
+# Global state, per thread: True while a recompute node runs its function again in
+# backward (in the thread running that backward).  Read by BatchNorm
+# (functions/normalization.py) to skip the running-statistics update.
+class _ThreadState(threading.local):
+    recomputing = False
+
+
+_state = _ThreadState()
 
 
 def is_recomputing() -> bool:
     """True inside the second run of a recomputed function (during backward)."""
-    return _recomputing
+    return _state.recomputing
 
 
 @contextlib.contextmanager
 def _recomputation():
-    global _recomputing
-    previous, _recomputing = _recomputing, True
+    previous, _state.recomputing = _state.recomputing, True
     try:
         yield
     finally:
-        _recomputing = previous
+        _state.recomputing = previous
 
 
 class Recompute(Function):

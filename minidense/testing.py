@@ -114,6 +114,87 @@ def conv2d_loops_backward(x, w, gy, stride=(1, 1), padding=(0, 0)):
 
 
 @dataclass
+class BatchNormReference:
+    """What ``batch_norm_reference`` computes: the output, the running statistics after
+    the step, and (given an output gradient) the three gradients."""
+    y: np.ndarray
+    running_mean: np.ndarray | None
+    running_var: np.ndarray | None
+    gx: np.ndarray | None = None
+    ggamma: np.ndarray | None = None
+    gbeta: np.ndarray | None = None
+
+
+def batch_norm_reference(x, gamma, beta, running_mean=None, running_var=None, training=True,
+                         momentum=0.1, eps=1e-5, gy=None, relu=False):
+    """Batch norm over axis 1 by Ioffe and Szegedy's equations, in plain NumPy: the
+    reference the op and its fast paths are tested against.  It shares no code with the
+    op.  Forward (Algorithm 1), over the m values of each channel:
+
+        mu = 1/m sum x_i,  var = 1/m sum (x_i - mu)^2,  x_hat_i = (x_i - mu) / sqrt(var + eps)
+        y_i = gamma x_hat_i + beta                      (then max(y, 0) with ``relu``)
+
+    Backward (the chain rule as Section 3 of the paper writes it out):
+
+        dx_hat_i = dy_i gamma
+        dvar = sum dx_hat_i (x_i - mu) (-1/2) (var + eps)^(-3/2)
+        dmu = sum dx_hat_i (-1 / sqrt(var + eps)) + dvar (1/m) sum -2 (x_i - mu)
+        dx_i = dx_hat_i / sqrt(var + eps) + dvar 2 (x_i - mu) / m + dmu / m
+        dgamma = sum dy_i x_hat_i,   dbeta = sum dy_i
+
+    In eval mode mu and var are the running statistics, constants: dx_i = dx_hat_i /
+    sqrt(var + eps).  Training updates copies of the running statistics as PyTorch
+    does: (1 - momentum) * running + momentum * batch, the variance unbiased."""
+    x = np.asarray(x)
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    m = x.size // x.shape[1]
+    rm = None if running_mean is None else np.array(running_mean, dtype=np.float64)
+    rv = None if running_var is None else np.array(running_var, dtype=np.float64)
+    if training:
+        mu = x.mean(axis=axes)
+        var = ((x - mu.reshape(shape)) ** 2).mean(axis=axes)
+        if rm is not None:
+            rm = (1 - momentum) * rm + momentum * mu
+        if rv is not None:
+            rv = (1 - momentum) * rv + momentum * var * m / (m - 1)
+    else:
+        mu, var = np.asarray(running_mean), np.asarray(running_var)
+    mu, var = mu.reshape(shape), var.reshape(shape)
+    g, b = np.asarray(gamma).reshape(shape), np.asarray(beta).reshape(shape)
+    x_hat = (x - mu) / np.sqrt(var + eps)
+    y = g * x_hat + b
+    out = BatchNormReference(np.maximum(y, 0) if relu else y, rm, rv)
+    if gy is None:
+        return out
+    dy = np.where(y > 0, gy, 0) if relu else np.asarray(gy)
+    dx_hat = dy * g
+    if training:
+        dvar = (dx_hat * (x - mu) * -0.5 * (var + eps) ** -1.5).sum(axis=axes, keepdims=True)
+        dmu = ((dx_hat * -1 / np.sqrt(var + eps)).sum(axis=axes, keepdims=True)
+               + dvar * (-2 * (x - mu)).sum(axis=axes, keepdims=True) / m)
+        out.gx = dx_hat / np.sqrt(var + eps) + dvar * 2 * (x - mu) / m + dmu / m
+    else:
+        out.gx = dx_hat / np.sqrt(var + eps)
+    out.ggamma, out.gbeta = (dy * x_hat).sum(axis=axes), dy.sum(axis=axes)
+    return out
+
+
+@st.composite
+def batch_norm_cases(draw, max_batch=4, max_channels=4, max_side=5):
+    """(x, gamma, beta, running_mean, running_var, gy) for a batch norm: NCHW or NC
+    inputs with at least two values per channel, gamma of either sign."""
+    spatial = draw(st.sampled_from([(), (1, 1), None]))
+    if spatial is None:
+        spatial = (draw(st.integers(1, max_side)), draw(st.integers(1, max_side)))
+    c = draw(st.integers(1, max_channels))
+    n = draw(st.integers(2 if int(np.prod(spatial)) == 1 else 1, max_batch))   # m >= 2
+    shape = (n, c) + spatial
+    return (draw(arrays(shape, -3, 3)), draw(arrays((c,), -2, 2)), draw(arrays((c,), -1, 1)),
+            draw(arrays((c,), -1, 1)), draw(arrays((c,), 0.5, 2)), draw(arrays(shape)))
+
+
+@dataclass
 class ConvCase:
     x: np.ndarray
     w: np.ndarray

@@ -46,7 +46,8 @@ def _params(spec):
 
 
 def _source(name, t_name, virtual_raw, scalar_inputs):
-    in_params, out_params, body = backend.CUDA_KERNELS[name]
+    spec = backend.CUDA_KERNELS[name]
+    in_params, out_params, body = spec.in_params, spec.out_params, spec.body
     args, prologue = [], []
     for param in _params(in_params):
         kind, pname = param[:-1], param[-1]
@@ -102,8 +103,8 @@ def _compile(source):
 def run(name, args, start=0, stop=None, virtual_raw=False):
     """Launch kernel ``name`` on NumPy arrays as CuPy would: ``args`` are the inputs
     then the outputs, by position; returns the outputs."""
-    in_params, out_params, _ = backend.CUDA_KERNELS[name]
-    ins, outs = _params(in_params), _params(out_params)
+    spec = backend.CUDA_KERNELS[name]
+    ins, outs = _params(spec.in_params), _params(spec.out_params)
     assert len(args) == len(ins) + len(outs), (name, len(args))
     arrays = [a for a in args if isinstance(a, np.ndarray) and a.ndim > 0]
     t_dtype = next(a.dtype for a in arrays[::-1] if a.dtype.kind == "f")  # outputs are T
@@ -116,8 +117,10 @@ def run(name, args, start=0, stop=None, virtual_raw=False):
     c_args, keep = [], []
     for param, value in zip(ins, args):
         kind, pname = param[0], param[-1]
-        if kind == "T" and pname not in scalar_inputs and value.shape != outputs[0].shape:
-            # CuPy broadcasts array arguments to the output's shape (per-channel BN arrays).
+        if kind == "T" and pname not in scalar_inputs and (value.shape != outputs[0].shape
+                                                            or not value.flags.c_contiguous):
+            # CuPy broadcasts array arguments to the output's shape (per-channel BN arrays),
+            # and reads strided ones (a view of a DenseNet block's storage) in place.
             value = np.ascontiguousarray(np.broadcast_to(value, outputs[0].shape))
             keep.append(value)
         if kind == "raw":
@@ -144,8 +147,9 @@ def run(name, args, start=0, stop=None, virtual_raw=False):
 
 
 def _reduction_source(name, t_name):
-    _, in_params, out_params, map_expr, reduce_expr, post_map, identity = backend.CUDA_KERNELS[name]
-    ins, (out,) = _params(in_params), _params(out_params)
+    spec = backend.CUDA_KERNELS[name]
+    map_expr, reduce_expr, post_map, identity = spec.body
+    ins, (out,) = _params(spec.in_params), _params(spec.out_params)
     args = [f"const T* {p[-1]}__p" for p in ins] + [f"T* {out[-1]}__p", "ptrdiff_t outer",
                                                    "ptrdiff_t inner"]
     reads = " ".join(f"const T {p[-1]} = {p[-1]}__p[o * inner + j];" for p in ins)
@@ -195,6 +199,6 @@ class EmulatedKernel:
         self.name = name
 
     def __call__(self, *args, axis=None):
-        if backend.CUDA_KERNELS[self.name][0] == "reduction":
+        if backend.CUDA_KERNELS[self.name].kind == "reduction":
             return run_reduction(self.name, args, axis)
         return run(self.name, args)

@@ -38,6 +38,11 @@ class DeviceArray(np.ndarray):
         # for np.asarray of a list that holds device scalars.
         raise TypeError("fake CuPy: implicit conversion to a NumPy array is not allowed")
 
+    @property
+    def data(self):
+        # CuPy's MemoryPointer, of which minidense reads the address.
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
     syncs = 0  # host reads of device values (each one a GPU sync on CuPy), for the tests
 
     def __bool__(self):
@@ -93,6 +98,9 @@ class _FakeCupy(types.ModuleType):
         self._core = types.SimpleNamespace(_routines_linalg=linalg)
         self.random = types.SimpleNamespace(
             Generator=_FakeGenerator, Philox4x3210=lambda seed=None: np.random.Philox(seed))
+        self.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
+            as_strided=lambda x, shape=None, strides=None: _wrap(
+                np.lib.stride_tricks.as_strided(x, shape, strides, subok=True))))
 
     def asarray(self, a, dtype=None):
         if isinstance(a, DeviceArray):

@@ -118,9 +118,12 @@ def test_conv_algorithm_nests_restores_and_refuses_unknown_names():
     x, w = md.tensor(np.ones((1, 1, 3, 3))), md.tensor(np.ones((1, 1, 3, 3)))
     with md.conv_algorithm("im2col"):
         with md.conv_algorithm("phase_grid"):
-            assert connection._algorithm[0] == "phase_grid"
-        assert connection._algorithm[0] == "im2col"
-    assert connection._algorithm[0] is None
+            assert connection.chosen_conv_algorithm(x.data) == "phase_grid"
+            with md.plain_ops():   # the plain paths win: the textbook algorithm
+                assert connection.chosen_conv_algorithm(x.data) == "im2col"
+            assert connection.chosen_conv_algorithm(x.data) == "phase_grid"
+        assert connection.chosen_conv_algorithm(x.data) == "im2col"
+    assert connection.chosen_conv_algorithm(x.data) == connection.default_conv_algorithm(x.data)
     with pytest.raises(ValueError, match="unknown algorithm 'fft'; expected one of im2col, phase_grid, winograd"):
         with md.conv_algorithm("fft"):
             pass

@@ -1,5 +1,6 @@
 """The autograd engine: order, accumulation, memory, dtype rule and clear errors."""
 import gc
+import re
 import sys
 import weakref
 from pathlib import Path
@@ -106,16 +107,17 @@ def test_each_op_keeps_only_what_its_backward_needs():
     # conv2d: x and W themselves, never the patch matrix.
     y = md.conv2d(x, w, padding=1)
     assert [a is b for a, b in zip(y.grad_fn.saved, (x.data, w.data))] == [True, True]
-    # ReLU: its output (the mask).  BN: on NumPy x itself (no new array) and per-channel
-    # statistics and gamma; on CuPy x_hat (its fused kernels read it), 1/std and gamma.
+    # ReLU: its output (the mask).  BN, on every path and device: x itself (no new
+    # array), the per-channel mean and 1/std, and gamma; the fused BN-ReLU beta too.
     y = md.relu(x)
     assert y.grad_fn.saved[0] is y.data and len(y.grad_fn.saved) == 1
-    y = md.batch_norm(x, leaf(np.ones(3)), leaf(np.zeros(3)))
-    if TEST_DEVICE == "cpu":
-        assert y.grad_fn.saved[0] is x.data
-        assert _kept_shapes(y) == [(2, 3, 6, 6), (3,), (3,), (3,)]
-    else:
-        assert _kept_shapes(y) == [(2, 3, 6, 6), (3,), (3,)]
+    for plain in (False, True):
+        with md.plain_ops(plain):
+            y = md.batch_norm(x, leaf(np.ones(3)), leaf(np.zeros(3)))
+            assert y.grad_fn.saved[0] is x.data
+            assert _kept_shapes(y) == [(2, 3, 6, 6), (3,), (3,), (3,)]
+            y = md.batch_norm_relu(x, leaf(np.ones(3)), leaf(np.zeros(3)))
+            assert _kept_shapes(y) == [(2, 3, 6, 6), (3,), (3,), (3,), (3,)]
     # max pooling: one small integer per output pixel.
     y = md.max_pool2d(x, 2)
     assert _kept_shapes(y) == [(2, 3, 3, 3)] and y.grad_fn.saved[0].itemsize <= 2
@@ -474,3 +476,75 @@ def test_only_the_first_gpu_is_accepted():
         with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
             md.tensor([1.0], device=name)
     assert md.backend.check_device("cpu") == "cpu"
+
+
+# ---------------------------------------------------------------------------
+# Traps a learner falls into: truth values, len(), a Function called twice
+# ---------------------------------------------------------------------------
+def test_truth_value_is_that_of_a_one_element_tensor():
+    assert not (md.tensor([1.0]) == md.tensor([2.0]))
+    with pytest.raises(AssertionError):
+        assert md.tensor([1.0]) == md.tensor([2.0])
+    assert md.tensor([1.0]) not in [md.tensor([2.0])]
+    loss = md.tensor(0.25)
+    assert loss < 0.5 and bool(md.tensor([[3.0]]))
+    for shape in [(2,), (0,), (2, 3)]:
+        with pytest.raises(RuntimeError, match=rf"truth value of a tensor of shape {re.escape(str(shape))} is ambiguous"):
+            bool(md.tensor(np.ones(shape)))
+
+
+def test_len_of_a_0d_tensor_is_a_clear_type_error():
+    assert len(md.tensor([[1.0, 2.0]] * 3)) == 3
+    with pytest.raises(TypeError, match="len\\(\\) of a 0-d tensor"):
+        len(md.tensor(1.0))
+
+
+def test_a_function_object_is_used_once():
+    from minidense.functions.math import Mul
+    a = md.tensor([1.0, 2.0], requires_grad=True)
+    f = Mul()
+    y1 = f(a, md.tensor([3.0, 4.0]))
+    with pytest.raises(RuntimeError, match="Mul: this Function object was already called.*make a new one"):
+        f(a, md.tensor([10.0, 20.0], requires_grad=True))
+    y1.sum().backward()   # the first graph is intact
+    np.testing.assert_array_equal(a.grad.numpy(), [3.0, 4.0])
+
+
+# ---------------------------------------------------------------------------
+# Per-thread state: grad mode, the convolution algorithm, the plain-ops switch and the
+# recomputation flag of one thread do not leak into another
+# ---------------------------------------------------------------------------
+def test_modes_are_per_thread():
+    import threading
+    from minidense import fast_paths
+    from minidense.functions import connection
+    from minidense.recompute import _recomputation, is_recomputing
+    x = np.zeros((1, 1, 3, 3))
+
+    def modes():
+        return (md.is_grad_enabled(), connection.chosen_conv_algorithm(x),
+                fast_paths.fast_paths_enabled(), is_recomputing())
+
+    default = modes()
+    assert default == (True, connection.default_conv_algorithm(x), True, False)
+    entered, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def other_thread():
+        with md.no_grad(), md.conv_algorithm("winograd"), _recomputation():
+            seen["inside"] = modes()
+            entered.set()
+            release.wait(5)
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    assert entered.wait(5)
+    seen["main"] = modes()       # while the other thread is inside its blocks
+    with md.plain_ops():
+        seen["main_plain"] = modes()
+        release.set()
+        thread.join(5)
+    assert seen["inside"] == (False, "winograd", True, True)
+    assert seen["main"] == default
+    assert seen["main_plain"] == (True, "im2col", False, False)
+    y = md.tensor([1.0], requires_grad=True) * 2   # this thread's graph is recorded
+    assert y.grad_fn is not None and modes() == default

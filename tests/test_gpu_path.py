@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import minidense as md
+from minidense import backend
 from minidense.autograd import Function
 
 from fake_device import DeviceArray, fake_cuda
@@ -400,3 +401,19 @@ def test_convolution_and_pooling_on_the_gpu_match_the_cpu(gpu, op):
         results.append([y.numpy(), x.grad.numpy(), w.grad.numpy()])
     for ours, reference in zip(results[1], results[0]):
         np.testing.assert_allclose(ours, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_import_registers_every_kernel_beside_the_op_that_launches_it():
+    import importlib
+    from pathlib import Path
+    names = set(backend.CUDA_KERNELS)
+    assert {"im2col_i32", "col2im_i64", "bn_forward", "bn_backward", "sgd_update", "adam_update",
+            "augment", "relu_masked_centred_dot"} <= names
+    for name, spec in backend.CUDA_KERNELS.items():
+        source = Path(importlib.import_module(spec.where).__file__).read_text()
+        launched = name.rsplit("_i", 1)[0] if name.endswith(("_i32", "_i64")) else name
+        assert f'"{launched}"' in source.replace(spec.body if isinstance(spec.body, str) else "", ""), name
+        assert spec.where != "minidense.backend", name
+        assert set(spec.dtypes) <= {"float16", "float32", "float64"} and spec.dtypes, name
+        params = {p.split()[-1] for p in spec.in_params.split(",")}
+        assert set(spec.scalars) <= params, (name, set(spec.scalars) - params)

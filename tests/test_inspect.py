@@ -185,9 +185,12 @@ def test_dense_block_graph_has_one_concatenation_per_layer():
     block = models.DenseBlock(3, 4, 2, bottleneck=False)
     y = block(md.randn(1, 4, 4, 4, requires_grad=True))
     labels = [line.split('label="')[1] for line in boxes(md.to_dot(y))]
-    # StorageView: the concatenation as a view of the block storage (layers 2 and 3, the output)
-    assert sum(label.startswith("StorageView") for label in labels) == 3
+    # Eq. 2 in the graph: one concatenation per layer and one for the block's output, each
+    # a view of the block's shared storage, into which each feature map is written once.
+    assert sum(label.startswith("Concat") for label in labels) == 4
+    assert sum(label.startswith("IntoStorage") for label in labels) == 4
     assert sum(label.startswith("Conv2d") for label in labels) == 3
+    assert y.data.base is not None and y.shape == (1, 10, 4, 4)
 
 
 # ---------------------------------------------------------------------------

@@ -67,6 +67,31 @@ def normalize(images, scale, shift, dtype=np.float32):
     return out
 
 
+
+# The batch augmentation: one thread per element of the float NCHW batch, reading the
+# uint8 NHWC images: the 4-pixel zero-padded crop at the batch's offsets (in padded
+# coordinates), the horizontal flip, the transpose and x * scale + shift per channel,
+# in one pass (NumPy's path: data/loader.py random_crop_flip and normalize).
+_AUGMENT_BODY = """
+    int x = i % W;
+    int t = i / W;
+    int y = t % H; t /= H;
+    int c = t % C;
+    int n = t / C;
+    int top = AUGMENT ? (int)offsets[2 * n] : PAD;
+    int left = AUGMENT ? (int)offsets[2 * n + 1] : PAD;
+    int col = (AUGMENT && flips[n]) ? W - 1 - x : x;
+    int yy = y + top - PAD, xx = col + left - PAD;
+    T v = (0 <= yy && yy < H && 0 <= xx && xx < W) ? (T)images[((n * H + yy) * W + xx) * C + c] : (T)0;
+    out = v * scale[c] + shift[c];
+"""
+
+backend.register_cuda_kernel(
+    "augment", "elementwise", "raw uint8 images, raw int64 offsets, raw bool flips, raw T scale, "
+    "raw T shift, int32 H, int32 W, int32 C, int32 PAD, bool AUGMENT", "T out", _AUGMENT_BODY,
+    scalars=("H", "W", "C", "PAD", "AUGMENT"), where=__name__)
+
+
 class _Failure:
     def __init__(self, error):
         self.error = error
@@ -165,7 +190,7 @@ class DataLoader:
         _, labels, offsets, flips = plan
         picked = self.batch_slice(index)
         images = self.xp.asarray(images)   # the one copy per batch
-        if backend.device_of(images) == "cuda":  # one fused kernel (backend._AUGMENT_BODY)
+        if backend.device_of(images) == "cuda":  # one fused kernel (_AUGMENT_BODY)
             xp = self.xp
             n, h, w, c = images.shape
             out = xp.empty((n, c, h, w), dtype=self.dtype)

@@ -1,6 +1,8 @@
 """All ops, grouped by family as in Chainer, and the Tensor operators built on them."""
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend
 from ..autograd import Tensor, _check_same_device
 from .activation import relu, sigmoid, tanh
@@ -33,6 +35,16 @@ def _argmax(self, axis=None):
     return Tensor(self.data.argmax(axis=axis))
 
 
+def _to(self, device=None, dtype=None):
+    """A copy on ``device`` and/or in ``dtype`` (self when nothing changes).
+
+    Gradients flow back through the move, so a model can be moved mid-graph."""
+    device = backend.check_device(device) if device is not None else self.device
+    if device == self.device and (dtype is None or np.dtype(dtype) == self.dtype):
+        return self
+    return to_device_and_dtype(self, device, dtype)
+
+
 def _install_tensor_methods():
     import operator
     T = Tensor
@@ -54,6 +66,12 @@ def _install_tensor_methods():
     T.reshape, T.transpose, T.flatten = reshape, transpose, flatten
     T.T = property(lambda self: transpose(self))
     T.argmax = _argmax
+    T.to = _to
+    T.cpu = lambda self: self.to("cpu")
+    T.cuda = lambda self: self.to("cuda")
+    T.float = lambda self: self.to(dtype=np.float32)
+    T.double = lambda self: self.to(dtype=np.float64)
+    T.astype = lambda self, dtype: self.to(dtype=dtype)
 
 
 _install_tensor_methods()

@@ -1,4 +1,5 @@
-"""Helpers shared by the ops: shape checks, broadcasting, im2col and col2im."""
+"""Helpers shared by the ops: shape checks, broadcasting, im2col and col2im (with
+the CUDA kernels that do them on CuPy)."""
 from __future__ import annotations
 
 import numpy as np
@@ -36,6 +37,83 @@ def sum_to(grad, shape):
 
 def output_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
+
+
+# ---------------------------------------------------------------------------
+# im2col and col2im
+# ---------------------------------------------------------------------------
+# im2col: one thread per element of col; a gather from x, PAD outside the image (0, or
+# -inf for max pooling).  Two layouts of col:
+# "image" (N, C, KH, KW, OH, OW), for pooling, and "rows" (C, KH, KW, N, OH, OW), the
+# (C*KH*KW, N*OH*OW) patch matrix of a convolution, which then needs only 2-D GEMMs.
+# col2im: one thread per element of x (N, C, H, W); a gather from col, so the
+# result is deterministic (no atomics), as in Chainer.  Coordinates within an image
+# are int; flat indices are IDX (int or ptrdiff_t, see index_kernel).
+_IM2COL_BODY = """
+    IDX t = i;
+    int ox = t % OW; t /= OW;
+    int oy = t % OH; t /= OH;
+    IDX nc;
+    int ky, kx;
+    if (ROWS) {
+        IDX n = t % N; t /= N;
+        kx = t % KW; t /= KW;
+        ky = t % KH;
+        nc = n * C + t / KH;
+    } else {
+        kx = t % KW; t /= KW;
+        ky = t % KH;
+        nc = t / KH;
+    }
+    int y = oy * SY - PH + ky;
+    int x_ = ox * SX - PW + kx;
+    col = (0 <= y && y < H && 0 <= x_ && x_ < W) ? x[(nc * H + y) * W + x_] : PAD;
+"""
+
+_COL2IM_BODY = """
+    IDX t = i;
+    int xx = t % W + PW; t /= W;
+    int yy = t % H + PH;
+    IDX nc = t / H;
+    IDX base, ky_stride;        // col index of (nc, ky=0, kx=0, oy=0, ox=0), and per ky
+    IDX kx_stride;
+    if (ROWS) {
+        IDX n = nc / C, c = nc % C;
+        kx_stride = (IDX)N * OH * OW;
+        ky_stride = kx_stride * KW;
+        base = c * KH * ky_stride + n * OH * OW;
+    } else {
+        kx_stride = (IDX)OH * OW;
+        ky_stride = kx_stride * KW;
+        base = nc * KH * ky_stride;
+    }
+    T acc = 0;
+    for (int ky = 0; ky < KH; ++ky) {
+        int oy = yy - ky;
+        if (oy < 0 || oy % SY != 0) continue;
+        oy /= SY;
+        if (oy >= OH) continue;
+        for (int kx = 0; kx < KW; ++kx) {
+            int ox = xx - kx;
+            if (ox < 0 || ox % SX != 0) continue;
+            ox /= SX;
+            if (ox >= OW) continue;
+            acc += col[base + ky * ky_stride + kx * kx_stride + (IDX)oy * OW + ox];
+        }
+    }
+    x = acc;
+"""
+
+_GEOMETRY = ("int32 N, int32 C, int32 H, int32 W, int32 OH, int32 OW, int32 KH, int32 KW, "
+             "int32 SY, int32 SX, int32 PH, int32 PW, bool ROWS")
+_GEOMETRY_NAMES = tuple(p.split()[-1] for p in _GEOMETRY.split(", "))
+
+backend.register_index_variants(
+    "im2col", "raw T x, " + _GEOMETRY + ", T PAD", "T col", _IM2COL_BODY,
+    scalars=_GEOMETRY_NAMES + ("PAD",), where=__name__)
+backend.register_index_variants(
+    "col2im", "raw T col, " + _GEOMETRY, "T x", _COL2IM_BODY,
+    scalars=_GEOMETRY_NAMES, where=__name__)
 
 
 def im2col(x, kernel, stride, pad, pad_value=0.0, writable=True, rows=False):

@@ -66,7 +66,11 @@ class GetItem(Function):
 
 
 class Concat(Function):
-    """Concatenation along one axis; keeps only the inputs' sizes on that axis."""
+    """Concatenation along one axis; keeps only the inputs' sizes on that axis.
+
+    When the inputs are views that already lie side by side in one array (a DenseNet
+    block's features in its shared storage), the result is a view of them: the same
+    values, no copy (``backend.joined_view``).  The gradient is split alike either way."""
 
     def __init__(self, axis=1):
         self.axis = axis
@@ -86,6 +90,9 @@ class Concat(Function):
                                  f"got {shapes}")
         self.axis_ = axis
         self.sizes = [x.shape[axis] for x in xs]
+        joined = backend.joined_view(xs, axis)
+        if joined is not None:
+            return joined
         return backend.get_array_module(first).concatenate(xs, axis=axis)
 
     def backward(self, gy):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from .. import backend
 from ..autograd import Function
+from ..fast_paths import fast_paths_enabled
 from . import conv_phase_grid as phase_grid
 from . import conv_winograd as winograd
 from ._utils import col2im, expect_ndim, im2col, output_size, pair
@@ -12,23 +14,37 @@ from ._utils import col2im, expect_ndim, im2col, output_size, pair
 
 # The algorithms conv2d can use, the basic one first; ``conv_algorithm`` chooses.
 CONV_ALGORITHMS = ("im2col", "phase_grid", "winograd")
-_algorithm = [None]   # the choice of the innermost ``conv_algorithm`` block; None: per device
+
+
+class _ThreadState(threading.local):
+    algorithm = None   # the choice of the innermost ``conv_algorithm`` block; None: per device
+
+
+_state = _ThreadState()
 
 
 @contextlib.contextmanager
 def conv_algorithm(name):
-    """Run conv2d with algorithm ``name`` inside the block (``with md.conv_algorithm(
-    "im2col"):`` trains a model on the textbook path); None restores the default, chosen
-    per device.  Each conv2d keeps the algorithm of its forward for its backward."""
+    """Run conv2d with algorithm ``name`` inside the block, in this thread (``with
+    md.conv_algorithm("im2col"):`` trains a model on the textbook path); None restores
+    the default, chosen per device.  Each conv2d keeps the algorithm of its forward for
+    its backward.  ``md.plain_ops()`` overrides it: im2col."""
     if name is not None and name not in CONV_ALGORITHMS:
         raise ValueError(f"conv_algorithm: unknown algorithm {name!r}; expected one of "
                          f"{', '.join(CONV_ALGORITHMS)} (or None for the default)")
-    previous = _algorithm[0]
-    _algorithm[0] = name
+    previous, _state.algorithm = _state.algorithm, name
     try:
         yield
     finally:
-        _algorithm[0] = previous
+        _state.algorithm = previous
+
+
+def chosen_conv_algorithm(x) -> str:
+    """The algorithm a conv2d on ``x`` takes now: im2col under ``md.plain_ops()``, else
+    the innermost ``conv_algorithm`` block's choice, else the device's default."""
+    if not fast_paths_enabled():
+        return "im2col"
+    return _state.algorithm or default_conv_algorithm(x)
 
 
 def default_conv_algorithm(x) -> str:
@@ -90,7 +106,7 @@ class Conv2d(Function):
                              f"an input of shape {tuple(x.shape)}")
         self.save_for_backward(x, w)
         # Fixed now, so that backward takes the same algorithm wherever it runs.
-        self.algorithm = self.algorithm or _algorithm[0] or default_conv_algorithm(x)
+        self.algorithm = self.algorithm or chosen_conv_algorithm(x)
         if self.algorithm == "winograd" and not (winograd.applies((kh, kw), self.stride)
                                                  and backend.device_of(x) == "cpu"):
             # Winograd covers stride-1 3x3 kernels on NumPy; others take the device's default.

@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import Function
+from ..fast_paths import fast_paths_enabled
 from ._utils import col2im, expect_ndim, im2col, output_size, pair
 
 
@@ -30,8 +31,8 @@ class _Pool2d(Function):
             raise ValueError(f"{name}: a {kh}x{kw} window does not fit an input of shape "
                              f"{tuple(x.shape)}")
         self.input_shape = x.shape
-        # Windows that tile the image exactly need no im2col: a reshape suffices.
-        self.tiles = (self.kernel == self.stride and self.padding == (0, 0)
+        # The fast path: windows that tile the image exactly need no im2col.
+        self.tiles = (fast_paths_enabled() and self.kernel == self.stride and self.padding == (0, 0)
                       and x.shape[2] % kh == 0 and x.shape[3] % kw == 0)
         return oh, ow
 
@@ -42,21 +43,18 @@ class _Pool2d(Function):
 
 
 class AvgPool2d(_Pool2d):
-    """Mean over each window; padding counts as zeros (PyTorch's default).  Keeps: nothing."""
+    """Mean over each window; padding counts as zeros (PyTorch's default).  Keeps: nothing.
+
+    Plain: the windows by im2col, and their mean; backward spreads each output's
+    gradient evenly over its window (col2im).  Fast path, for windows that tile the
+    image exactly (DenseNet's transitions): one strided add per window offset, since
+    NumPy reduces a 6-D view over two tiny axes slowly (5x PyTorch), while kh*kw
+    whole-image adds are fast."""
 
     def forward(self, x):
         self._check(x)
         if self.tiles:
-            # One strided add per window offset: NumPy reduces a 6-D view over two
-            # tiny axes slowly (5x PyTorch), kh*kw whole-image adds are fast.
-            kh, kw = self.kernel
-            y = x[:, :, 0::kh, 0::kw].copy()
-            for i in range(kh):
-                for j in range(kw):
-                    if i or j:
-                        y += x[:, :, i::kh, j::kw]
-            y *= 1.0 / (kh * kw)
-            return y
+            return self._forward_tiled(x)
         col = im2col(x, self.kernel, self.stride, self.padding, writable=False)
         return col.mean(axis=(2, 3))
 
@@ -64,19 +62,37 @@ class AvgPool2d(_Pool2d):
         xp = backend.get_array_module(gy)
         (kh, kw) = self.kernel
         g = gy * (1.0 / (kh * kw))
-        if self.tiles:  # every input pixel is in exactly one window
-            gx = xp.empty(self.input_shape, dtype=gy.dtype)
-            for i in range(kh):
-                for j in range(kw):
-                    gx[:, :, i::kh, j::kw] = g
-            return gx
+        if self.tiles:
+            return self._backward_tiled(g)
         gcol = xp.broadcast_to(g[:, :, None, None], g.shape[:2] + (kh, kw) + g.shape[2:])
         return col2im(gcol, self.input_shape, self.stride, self.padding)
+
+    def _forward_tiled(self, x):
+        kh, kw = self.kernel
+        y = x[:, :, 0::kh, 0::kw].copy()
+        for i in range(kh):
+            for j in range(kw):
+                if i or j:
+                    y += x[:, :, i::kh, j::kw]
+        y *= 1.0 / (kh * kw)
+        return y
+
+    def _backward_tiled(self, g):   # every input pixel is in exactly one window
+        kh, kw = self.kernel
+        gx = backend.get_array_module(g).empty(self.input_shape, dtype=g.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                gx[:, :, i::kh, j::kw] = g
+        return gx
 
 
 class MaxPool2d(_Pool2d):
     """Maximum over each window; padding is -inf.  Keeps: the argmax within each window
-    (one small integer per output pixel)."""
+    (one small integer per output pixel).
+
+    Plain: the windows by im2col, their argmax and maximum; backward sends each output's
+    gradient to its window's argmax (col2im).  Fast path, for windows that tile the
+    image exactly: the windows as a reshaped view, with no im2col copy."""
 
     def forward(self, x):
         oh, ow = self._check(x)

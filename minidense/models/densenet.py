@@ -16,11 +16,11 @@ keep their own copy of the concatenation [x_0, ..., x_{l-1}].  Two things fix it
 
 * shared block storage (both modes): each layer writes its k channels into its slice of
   one array per block, and layer l's input is a view of the first channels of that array,
-  so the concatenation is never copied (``DenseBlock.forward``, ``StorageView``);
-* recomputation (``memory_efficient=True``): the concat-BN-ReLU-Conv(-BN-ReLU) segment
-  of each layer keeps nothing for backward but its input, that view, and is run again
-  when the backward pass reaches it (``DenseLayer.forward``, ``md.recompute``).  The feature
-  maps kept then grow linearly with depth.
+  so the concatenation is a view, never a copy (``DenseBlock.forward``, ``SharedStorage``);
+* recomputation (``memory_efficient=True``): the BN-ReLU-Conv(-BN-ReLU) segment of each
+  layer keeps nothing for backward but its input, that view, and is run again when the
+  backward pass reaches it (``DenseLayer.forward``, ``md.recompute``).  The feature maps
+  kept then grow linearly with depth.
 
 Transitions between blocks: BN-ReLU-Conv(1x1)-AvgPool(2x2).  Classifier:
 BN-ReLU-global average pooling-linear.  Dropout (rate 0.2 in the paper's runs
@@ -37,80 +37,103 @@ import math
 from collections import OrderedDict
 
 from .. import backend, nn
-from ..functions.array import Concat
+from ..autograd import Function
+from ..functions import concat
 from ..recompute import recompute
 from .network import StagedNetwork, imagenet_stem
 
 
-def composite(in_channels, out_channels, kernel_size, drop_rate, index=""):
-    """BN-ReLU-Conv (with dropout after it when ``drop_rate`` > 0), as (name, module)
-    pairs.  Convolutions have no bias: the BN that follows supplies the shift.  BN and
-    ReLU are one fused op (``norm``; no ``relu`` module); the state dict is unchanged."""
-    layers = [
-        (f"norm{index}", nn.BatchNormReLU2d(in_channels)),
-        (f"conv{index}", nn.Conv2d(in_channels, out_channels, kernel_size,
-                                   padding=kernel_size // 2, bias=False)),
-    ]
-    if drop_rate > 0:
-        layers.append((f"dropout{index}", nn.Dropout(drop_rate)))
-    return layers
+class DenseLayer(nn.Module):
+    """H_l: BN-ReLU-Conv(3x3, k); in -B, BN-ReLU-Conv(1x1, 4k)-BN-ReLU-Conv(3x3, k), the
+    first convolution the bottleneck.  Dropout follows each convolution when
+    ``drop_rate`` > 0.  Convolutions have no bias: the BN that follows supplies the shift.
 
-
-class DenseLayer(nn.Sequential):
-    """H_l: [BN-ReLU-Conv(1x1, 4k)]-BN-ReLU-Conv(3x3, k); the bracket is the bottleneck.
-
-    ``memory_efficient``: the part before the last convolution, the first BN-ReLU-Conv
-    (which reads the wide concatenation) and, in -B, the BN-ReLU after it, is recomputed
-    in backward instead of kept: only the 4k channels the 3x3 conv reads stay."""
+    ``memory_efficient``: ``first_part``, which reads the wide concatenation, is
+    recomputed in backward instead of kept: only the 4k channels that conv2 reads stay
+    (without the bottleneck, the whole layer is recomputed)."""
 
     def __init__(self, in_channels, growth_rate, bottleneck, drop_rate=0.0, memory_efficient=False):
-        first = composite(in_channels, 4 * growth_rate if bottleneck else growth_rate,
-                          1 if bottleneck else 3, drop_rate, index=1)
-        rest = composite(4 * growth_rate, growth_rate, 3, drop_rate, index=2) if bottleneck else []
-        super().__init__(OrderedDict(first + rest))
-        self.in_channels, self.growth_rate = in_channels, growth_rate
+        super().__init__()
+        width = 4 * growth_rate if bottleneck else growth_rate
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU()
+        self.conv1 = _conv(in_channels, width, 1 if bottleneck else 3)
+        self.dropout1 = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        if bottleneck:
+            self.norm2 = nn.BatchNorm2d(width)
+            self.relu2 = nn.ReLU()
+            self.conv2 = _conv(width, growth_rate, 3)
+            self.dropout2 = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.in_channels, self.growth_rate, self.bottleneck = in_channels, growth_rate, bottleneck
         self.memory_efficient, self.drop_rate = memory_efficient, drop_rate
-        # The recomputed segment: everything before the last convolution.  Cutting right
-        # after conv1 (torchvision's segment) would keep BN2's x_hat besides ReLU2's output:
-        # 8k channels per layer instead of 4k, for little compute (BN-ReLU on 4k channels).
-        self.num_recomputed = len(first) + (1 if bottleneck else 0)
-
-    def segment(self, x):
-        """BN-ReLU-Conv (with dropout) on the concatenation, and BN-ReLU in -B."""
-        for m in list(self._modules.values())[:self.num_recomputed]:
-            x = m(x)
-        return x
+        # The fast path: each BN and the ReLU after it as one op (nn.fuse_bn_relu).
+        nn.fuse_bn_relu(self, ("norm1", "relu1"), *([("norm2", "relu2")] if bottleneck else []))
 
     def forward(self, x):
-        modules = list(self._modules.values())
+        # -B: BN-ReLU-Conv(1x1)-BN-ReLU-Conv(3x3); otherwise BN-ReLU-Conv(3x3).
         if self.memory_efficient:
-            # THE MEMORY SAVING: BN-ReLU1's x_hat (as wide as the concatenation), conv1's
-            # input and BN-ReLU2's x_hat are not kept; only x, a view of the block
-            # storage, is, and the segment's output that the last conv keeps.
-            params = [p for m in modules[:self.num_recomputed] for p in m.parameters()]
-            x = recompute(self.segment, x, params=params,
+            # THE MEMORY SAVING: nothing inside first_part is kept for backward (BN-ReLU1
+            # reads the whole concatenation); only its input x, a view of the block
+            # storage, and its output, which conv2 keeps anyway.
+            params = [p for name, p in self.named_parameters() if not name.startswith("conv2.")]
+            x = recompute(self.first_part, x, params=params,
                           preserve_rng_state=self.training and self.drop_rate > 0)
         else:
-            x = self.segment(x)
-        for m in modules[self.num_recomputed:]:
-            x = m(x)
+            x = self.first_part(x)
+        if self.bottleneck:
+            x = self.dropout2(self.conv2(x))
+        return x
+
+    def first_part(self, x):
+        """BN-ReLU-Conv, and in -B the BN-ReLU after it: the part that memory-efficient
+        mode recomputes.  (Cutting right after conv1, as torchvision does, would keep
+        BN2's input besides ReLU2's output: 8k channels per layer instead of 4k, for
+        little compute.)"""
+        x = self.dropout1(self.conv1(self.relu1(self.norm1(x))))
+        if self.bottleneck:
+            x = self.relu2(self.norm2(x))
         return x
 
 
-class StorageView(Concat):
-    """concat(features, axis=1) with no copy: the features already lie side by side in
-    the first channels of ``storage`` (the block wrote each one there), and the result
-    is a view of them.  Backward is Concat's: the gradient split among the features."""
+def _conv(in_channels, out_channels, kernel_size):
+    """A kxk convolution that keeps the map size, without bias (a BN follows)."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
 
-    def __init__(self, storage):
-        super().__init__(axis=1)
-        self.storage = storage
 
-    def forward(self, *features):
-        self.axis_, self.sizes = 1, [f.shape[1] for f in features]
-        view = self.storage[:, :sum(self.sizes)]
-        self.storage = None   # the graph must not keep the storage alive after backward
+class SharedStorage:
+    """One array for a dense block's output (Pleiss et al.'s shared memory): each feature
+    map is written into its channels as it is made, so the features lie side by side, and
+    every concatenation [x_0, ..., x_{l-1}] is a view of the array's first channels (see
+    ``md.concat``), never a copy.  Allocated once per forward."""
+
+    def __init__(self, like, channels):
+        n, _, h, w = like.shape
+        self.array = backend.get_array_module(like.data).empty((n, channels, h, w), like.dtype)
+        self.used = 0
+
+    def append(self, feature):
+        """``feature``, written into the next free channels, as that view of the storage."""
+        view = IntoStorage(self.array, self.used)(feature)
+        self.used += feature.shape[1]
         return view
+
+
+class IntoStorage(Function):
+    """y = x, written into channels [start, start + C) of ``storage`` and returned as that
+    view of it.  Backward: the identity.  Keeps: nothing (not even the storage: the
+    graph must not keep it alive after backward)."""
+
+    def __init__(self, storage, start):
+        self.storage, self.start = storage, start
+
+    def forward(self, x):
+        view = self.storage[:, self.start:self.start + x.shape[1]]
+        view[...] = x
+        self.storage = None
+        return view
+
+    def backward(self, gy):
+        return gy
 
 
 class DenseBlock(nn.Module):
@@ -127,29 +150,26 @@ class DenseBlock(nn.Module):
         self.out_channels = in_channels + num_layers * growth_rate
 
     def forward(self, x):
-        # Shared block storage: one array for the block's output, allocated once per
-        # forward; layer l writes its k channels into its slice, and reads the channels
-        # before it as a view, so [x_0, ..., x_{l-1}] is never copied.
-        n, c, h, w = x.shape
-        storage = backend.get_array_module(x.data).empty((n, self.out_channels, h, w), x.dtype)
-        storage[:, :c] = x.data
-        features = [x]
+        storage = SharedStorage(x, self.out_channels)
+        features = [storage.append(x)]
         for layer in self.children():
-            # x_l = H_l([x_0, x_1, ..., x_{l-1}])
-            y = layer(StorageView(storage)(*features) if len(features) > 1 else x)
-            storage[:, c:c + y.shape[1]] = y.data
-            c += y.shape[1]
-            features.append(y)
-        return StorageView(storage)(*features)
+            new_features = layer(concat(features, axis=1))   # x_l = H_l([x_0, x_1, ..., x_{l-1}])
+            features.append(storage.append(new_features))
+        return concat(features, axis=1)
 
 
 class Transition(nn.Sequential):
-    """BN-ReLU-Conv(1x1, out_channels)-AvgPool(2x2): halves the feature-map size."""
+    """BN-ReLU-Conv(1x1, out_channels)-AvgPool(2x2): halves the feature-map size (with
+    dropout after the convolution when ``drop_rate`` > 0)."""
 
     def __init__(self, in_channels, out_channels, drop_rate=0.0):
-        super().__init__(OrderedDict(composite(in_channels, out_channels, 1, drop_rate)
-                                     + [("pool", nn.AvgPool2d(2))]))
+        layers = [("norm", nn.BatchNorm2d(in_channels)), ("relu", nn.ReLU()),
+                  ("conv", _conv(in_channels, out_channels, 1))]
+        if drop_rate > 0:
+            layers.append(("dropout", nn.Dropout(drop_rate)))
+        super().__init__(OrderedDict(layers + [("pool", nn.AvgPool2d(2))]))
         self.in_channels, self.out_channels = in_channels, out_channels
+        nn.fuse_bn_relu(self, ("norm", "relu"))
 
 
 class DenseNet(StagedNetwork):
@@ -194,6 +214,7 @@ class DenseNet(StagedNetwork):
             ("pool", nn.GlobalAvgPool2d()),
             ("fc", nn.Linear(channels, num_classes)),
         ]))
+        nn.fuse_bn_relu(self.classifier, ("norm", "relu"))
         self.num_features = channels
 
 

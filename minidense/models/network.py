@@ -33,9 +33,10 @@ class StagedNetwork(nn.Module):
 def imagenet_stem(out_channels):
     """7x7/2 convolution, BN, ReLU and 3x3/2 max pooling: 224x224 -> 56x56
     (ResNet Table 1 "conv1" and the first pooling; DenseNet Table 1 likewise)."""
-    return nn.Sequential(OrderedDict([
+    stem = nn.Sequential(OrderedDict([
         ("conv", nn.Conv2d(3, out_channels, 7, stride=2, padding=3, bias=False)),
         ("norm", nn.BatchNorm2d(out_channels)),
         ("relu", nn.ReLU()),
         ("pool", nn.MaxPool2d(3, stride=2, padding=1)),
     ]))
+    return nn.fuse_bn_relu(stem, ("norm", "relu"))   # the fast path: BN and ReLU as one op

@@ -25,12 +25,11 @@ from ..functions import concat
 from .network import StagedNetwork, imagenet_stem
 
 
-def conv_bn(in_channels, out_channels, kernel_size, stride=1, relu=False):
-    """A convolution (no bias: the BN shifts) and its batch normalisation, as two modules;
-    ``relu``: the BN and the ReLU after it as one fused op (same state-dict keys)."""
+def conv_bn(in_channels, out_channels, kernel_size, stride=1):
+    """A convolution (no bias: the BN shifts) and its batch normalisation, as two modules."""
     return (nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
                       padding=kernel_size // 2, bias=False),
-            (nn.BatchNormReLU2d if relu else nn.BatchNorm2d)(out_channels))
+            nn.BatchNorm2d(out_channels))
 
 
 class ZeroPadShortcut(nn.Module):
@@ -73,15 +72,17 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_channels, channels, stride=1, shortcut_option="B"):
         super().__init__()
-        self.conv1, self.bn1 = conv_bn(in_channels, channels, 3, stride, relu=True)
+        self.conv1, self.bn1 = conv_bn(in_channels, channels, 3, stride)
+        self.relu1 = nn.ReLU()
         self.conv2, self.bn2 = conv_bn(channels, channels, 3)
         self.shortcut = shortcut(in_channels, channels, stride, shortcut_option)
         self.relu2 = nn.ReLU()
+        nn.fuse_bn_relu(self, ("bn1", "relu1"))   # the fast path: BN and ReLU as one op
 
     def forward(self, x):
-        residual = self.bn1(self.conv1(x))   # BN-ReLU fused
+        residual = self.relu1(self.bn1(self.conv1(x)))
         residual = self.bn2(self.conv2(residual))
-        return self.relu2(residual + self.shortcut(x))
+        return self.relu2(residual + self.shortcut(x))        # relu(F(x) + x)  (Eq. 1)
 
 
 class Bottleneck(nn.Module):
@@ -96,17 +97,20 @@ class Bottleneck(nn.Module):
     def __init__(self, in_channels, channels, stride=1, shortcut_option="B", stride_in_3x3=False):
         super().__init__()
         stride1, stride2 = (1, stride) if stride_in_3x3 else (stride, 1)
-        self.conv1, self.bn1 = conv_bn(in_channels, channels, 1, stride1, relu=True)
-        self.conv2, self.bn2 = conv_bn(channels, channels, 3, stride2, relu=True)
+        self.conv1, self.bn1 = conv_bn(in_channels, channels, 1, stride1)
+        self.relu1 = nn.ReLU()
+        self.conv2, self.bn2 = conv_bn(channels, channels, 3, stride2)
+        self.relu2 = nn.ReLU()
         self.conv3, self.bn3 = conv_bn(channels, channels * self.expansion, 1)
         self.shortcut = shortcut(in_channels, channels * self.expansion, stride, shortcut_option)
         self.relu3 = nn.ReLU()
+        nn.fuse_bn_relu(self, ("bn1", "relu1"), ("bn2", "relu2"))   # the fast path
 
     def forward(self, x):
-        residual = self.bn1(self.conv1(x))   # BN-ReLU fused
-        residual = self.bn2(self.conv2(residual))
+        residual = self.relu1(self.bn1(self.conv1(x)))
+        residual = self.relu2(self.bn2(self.conv2(residual)))
         residual = self.bn3(self.conv3(residual))
-        return self.relu3(residual + self.shortcut(x))
+        return self.relu3(residual + self.shortcut(x))        # relu(F(x) + x)  (Eq. 1)
 
 
 class ResNet(StagedNetwork):
@@ -129,6 +133,7 @@ class ResNet(StagedNetwork):
             conv, norm = conv_bn(3, stage_channels[0], 3)
             self.stem = nn.Sequential(OrderedDict([("conv", conv), ("norm", norm),
                                                    ("relu", nn.ReLU())]))
+            nn.fuse_bn_relu(self.stem, ("norm", "relu"))
             channels = stage_channels[0]
         elif stem == "imagenet":
             channels = 64

@@ -3,8 +3,9 @@ from . import init
 from .layers import (AvgPool2d, BatchNorm2d, BatchNormReLU2d, Conv2d, Dropout, Flatten, GlobalAvgPool2d, Identity,
                      Linear, MaxPool2d, ModuleList, ReLU, Sequential)
 from .module import Module, Parameter
+from .fusion import fuse_bn_relu
 
 __all__ = ["Module", "Parameter", "Sequential", "ModuleList", "Conv2d", "BatchNorm2d",
            "BatchNormReLU2d", "Linear",
            "ReLU", "AvgPool2d", "MaxPool2d", "GlobalAvgPool2d", "Dropout", "Identity", "Flatten",
-           "init"]
+           "fuse_bn_relu", "init"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from ..autograd import Tensor
+from ..fast_paths import fast_paths_enabled
 from ..functions import (avg_pool2d, batch_norm, batch_norm_relu, conv2d, dropout,
                          global_avg_pool2d, linear, max_pool2d, relu)
 from ..functions._utils import pair
@@ -52,11 +53,14 @@ class BatchNorm2d(Module):
 
 
 class BatchNormReLU2d(BatchNorm2d):
-    """BatchNorm2d then ReLU as one op (md.batch_norm_relu): fewer passes over memory and
-    no ReLU output kept.  Its parameters and buffers are BatchNorm2d's, under the same
-    names, so a model that fuses them loads the same state dicts as one that does not."""
+    """BatchNorm2d then ReLU as one op (``md.batch_norm_relu``): one pass over memory fewer
+    each way, and no ReLU output kept.  Its parameters and buffers are BatchNorm2d's,
+    under the same names.  Models get it from ``nn.fuse_bn_relu``, which leaves their
+    forward reading BN, then ReLU.  Under ``md.plain_ops()``, the two ops again."""
 
     def forward(self, x):
+        if not fast_paths_enabled():
+            return relu(super().forward(x))
         return batch_norm_relu(x, self.weight, self.bias, self.running_mean, self.running_var,
                                training=self.training, momentum=self.momentum, eps=self.eps)
 
