@@ -16,7 +16,9 @@ if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from . import backend
-from .autograd import Function, Tensor, as_tensor, enable_grad, is_grad_enabled, no_grad, tensor
+from . import autograd
+from .autograd import (Function, Tensor, as_tensor, enable_grad, grad, is_grad_enabled, no_grad,
+                       once_differentiable, tensor)
 from .backend import cuda_available, manual_seed
 from .fast_paths import plain_ops
 from .functions.array import as_tuple as _as_tuple
@@ -25,7 +27,11 @@ from .functions import (
     cross_entropy, div, dropout, exp, flatten, global_avg_pool2d, linear, log, matmul, max, max_pool2d, mean, mul, neg, pow, relu, reshape,
     sigmoid, sqrt, sub, sum, tanh, transpose,
 )
-from .gradcheck import GradcheckError, gradcheck
+from .gradcheck import GradcheckError, gradcheck, gradgradcheck
+
+# As in PyTorch, the checks are also md.autograd.gradcheck and md.autograd.gradgradcheck
+# (set here: autograd itself imports nothing but the backend).
+autograd.gradcheck, autograd.gradgradcheck = gradcheck, gradgradcheck
 from .recompute import checkpoint, recompute
 from . import nn
 from . import models

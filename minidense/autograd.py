@@ -42,6 +42,7 @@ from . import backend
 # ---------------------------------------------------------------------------
 class _ThreadState(threading.local):
     grad_enabled = True     # the class attribute is every new thread's starting value
+    backward_mode = None    # inside a backward pass: (create_graph, returns gradients)
 
 
 _state = _ThreadState()
@@ -231,8 +232,13 @@ class Tensor:
         """Keep ``.grad`` for this non-leaf tensor after backward."""
         self._retain_grad = True
 
-    def backward(self, grad=None, retain_graph: bool = False) -> None:
-        run_backward(self, grad, retain_graph)
+    def backward(self, gradient=None, retain_graph=None, create_graph=False) -> None:
+        """Accumulate d self / d leaf into every leaf's ``.grad`` (``gradient``: the
+        upstream gradient, needed unless self has one element).  ``create_graph``: the
+        gradients are Tensors with a graph of their own, to differentiate again;
+        ``retain_graph`` (default: ``create_graph``) keeps the saved arrays for another
+        backward."""
+        run_backward([self], [gradient], retain_graph, create_graph)
 
     def detach(self) -> "Tensor":
         """The same data (shared, not copied), cut from the graph."""
@@ -320,32 +326,86 @@ class Function:
         prof = observer
         if prof is not None:
             start = prof.now()
-        outputs = self.forward(*[t.data for t in tensors])
+        arrays = [t.data for t in tensors]
+        outputs = self.forward(*arrays)
         single = not isinstance(outputs, tuple)
         if single:
             outputs = (outputs,)
-        results = [Tensor(y) for y in outputs]
         if record:
-            self.next_edges = tuple(_edge_of(t) for t in tensors)
-            self.generation = max((e[0].generation for e in self.next_edges
-                                   if e is not None and isinstance(e[0], Function)), default=-1) + 1
-            self.output_meta = tuple((y.shape, y.dtype) for y in outputs)
-            self.outputs = [weakref.ref(r) for r in results]
-            self.order = next(_node_counter)
-            for i, r in enumerate(results):
-                if _is_float(r.dtype):
-                    r.requires_grad = True
-                    r.grad_fn = self
-                    r.output_index = i
+            # Which saved arrays are this node's inputs or outputs (a few identity
+            # checks): ``saved_tensors`` gives those back as tensors of the graph, so
+            # that a differentiable backward can be differentiated through them.
+            self._saved_roles = tuple(_role(a, arrays, outputs) for a in self.saved)
+            results = self._record(tuple(_edge_of(t) for t in tensors), outputs)
         else:
             self.saved = ()  # nothing will call backward: keep nothing
+            results = [Tensor(y) for y in outputs]
         if prof is not None:
             prof.record_forward(type(self).__name__, start,
                                 sum(a.nbytes for a in self.saved if backend.is_array(a)))
         return results[0] if single else tuple(results)
 
+    def _record(self, edges, outputs):
+        """Make this object the node of ``outputs`` (arrays), with ``edges`` to where the
+        gradients of its inputs go; returns the output Tensors."""
+        self.next_edges = edges
+        self.generation = max((e[0].generation for e in edges
+                               if e is not None and isinstance(e[0], Function)), default=-1) + 1
+        self.output_meta = tuple((y.shape, y.dtype) for y in outputs)
+        results = [Tensor(y) for y in outputs]
+        self.outputs = [weakref.ref(r) for r in results]
+        self.order = next(_node_counter)
+        for i, r in enumerate(results):
+            if _is_float(r.dtype):
+                r.requires_grad = True
+                r.grad_fn = self
+                r.output_index = i
+        return results
+
     def save_for_backward(self, *arrays):
         self.saved = arrays
+
+    def saved_tensors(self):
+        """The saved arrays as Tensors, for ``differentiable_backward``: an array that is
+        one of this node's inputs or outputs comes back as that tensor of the graph
+        (a gradient computed from it can be differentiated again), any other array as
+        a constant.  So an op must not compute its differentiable backward from a
+        saved array derived from its inputs (a mean, 1/std): those are constants here,
+        and the second derivative would silently miss their dependence; recompute
+        them from the inputs with ops instead."""
+        if self.saved is None:
+            raise RuntimeError(f"{type(self).__name__}: the saved arrays were freed by an "
+                               f"earlier backward; pass retain_graph=True (create_graph=True "
+                               f"implies it) to go through the graph twice")
+        return tuple(None if a is None else self._as_graph_tensor(a, role)
+                     for a, role in zip(self.saved, self._saved_roles))
+
+    def _as_graph_tensor(self, array, role):
+        if role is None:
+            return Tensor(array)
+        kind, index = role
+        if kind == "output":
+            edge = (self, index)
+        else:
+            edge = self.next_edges[index]
+            if edge is None:
+                return Tensor(array)
+            if isinstance(edge[0], Tensor):   # a leaf: the tensor itself
+                return edge[0]
+        t = Tensor(array)
+        t.requires_grad, (t.grad_fn, t.output_index) = True, edge
+        return t
+
+    differentiable = False   # True in ops that implement differentiable_backward
+
+    def differentiable_backward(self, *grad_outputs):
+        """The same gradients as ``backward``, computed from Tensors with ops, so that
+        they are recorded as a graph and can be differentiated again
+        (``create_graph=True``).  ``grad_outputs`` are Tensors; the node's saved arrays
+        are ``saved_tensors()``.  Ops that implement it set ``differentiable = True``;
+        for the others the backward pass uses ``backward`` and marks what it computes
+        as differentiable once only (see ``once_differentiable``)."""
+        raise NotImplementedError
 
     def release(self):
         """Drop the arrays kept for backward (after backward, unless retain_graph)."""
@@ -359,6 +419,45 @@ class Function:
 
     def __lt__(self, other):  # heap tie-break: newest node first
         return self.order > other.order
+
+
+def _role(array, inputs, outputs):
+    """("input", i) or ("output", j) when ``array`` is that array itself, else None."""
+    if array is None:
+        return None
+    for i, a in enumerate(inputs):
+        if a is array:
+            return ("input", i)
+    for j, a in enumerate(outputs):
+        if a is array:
+            return ("output", j)
+    return None
+
+
+def once_differentiable(cls):
+    """Marks a Function subclass whose ``backward`` works on raw arrays only, as
+    PyTorch's ``once_differentiable``: its gradients are right, and a second backward
+    that reaches them raises an error naming the op.  (Every op without a
+    ``differentiable_backward`` behaves so; this says it explicitly.)"""
+    if cls.differentiable:
+        raise TypeError(f"once_differentiable: {cls.__name__} has a differentiable_backward")
+    cls.once_differentiable = True
+    return cls
+
+
+class _NotDifferentiableTwice(Function):
+    """The node under gradients that an op computed with its raw ``backward`` during a
+    ``create_graph=True`` pass: a second backward that reaches it raises, naming the op,
+    instead of returning a silently wrong (zero) second derivative."""
+
+    def __init__(self, op_name):
+        self.op_name = op_name
+        self.saved, self._saved_roles, self.needs_input_grad = (), (), ()
+
+    def backward(self, *grad_outputs):
+        raise RuntimeError(f"{self.op_name} is not differentiable twice: its backward works on "
+                           f"raw arrays (it has no differentiable_backward), so the gradients it "
+                           f"computed under create_graph=True cannot be differentiated again")
 
 
 def _edge_of(t: Tensor):
@@ -379,81 +478,270 @@ def _check_same_device(op_name: str, tensors) -> None:
 
 # ---------------------------------------------------------------------------
 # The backward pass
+#
+# Gradients flow as raw arrays, each node's ``backward`` computing its inputs'
+# gradients from its outputs'.  Under ``create_graph=True`` they flow as Tensors
+# instead: each node's ``differentiable_backward`` computes them with ops, which are
+# recorded (grad mode is on), so the gradients have a graph of their own and can be
+# differentiated again.  The loop is the same either way.
 # ---------------------------------------------------------------------------
+def run_backward(roots, grad_outputs, retain_graph=None, create_graph=False, inputs=None,
+                 allow_unused=False):
+    """The backward pass from ``roots`` with upstream gradients ``grad_outputs`` (None:
+    ones, for a one-element root).  Without ``inputs``, every leaf's ``.grad``
+    accumulates its gradient; with ``inputs``, their gradients are returned instead (a
+    tuple, None for an input that gets none) and no ``.grad`` changes."""
+    retain_graph = create_graph if retain_graph is None else retain_graph
+    grads = [_root_gradient(r, g, create_graph) for r, g in zip(roots, grad_outputs)]
+    sink = _GradientSink(inputs, roots, allow_unused)
+    pending = {}   # node -> list of gradients (arrays or Tensors), one per output
+    heap = []
+    with (enable_grad() if create_graph else no_grad()), _backward_mode(create_graph, inputs is not None):
+        for root, grad in zip(roots, grads):
+            _send(root.grad_fn, root.output_index, root, grad, pending, heap, sink, create_graph)
+        while heap:
+            _, node = heapq.heappop(heap)
+            if not sink.needs(node):
+                sink.capture_outputs(node, pending.pop(node), create_graph)
+                continue
+            # One expression, no local names: the gradients of the node's outputs and
+            # those it computes for its inputs are freed as soon as they are passed on.
+            _pass_on(node, _call_backward(node, pending.pop(node), retain_graph, create_graph, sink),
+                     pending, heap, sink, create_graph)
+    return sink.result()
+
+
+@contextlib.contextmanager
+def _backward_mode(create_graph, returns_gradients):
+    previous, _state.backward_mode = _state.backward_mode, (create_graph, returns_gradients)
+    try:
+        yield
+    finally:
+        _state.backward_mode = previous
+
+
+def backward_mode():
+    """In a backward pass (this thread's): (create_graph, whether it returns gradients, as
+    ``grad`` does, rather than accumulating ``.grad``); None outside one."""
+    return _state.backward_mode
+
+
+def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
+         allow_unused=False):
+    """The gradients of ``outputs`` with respect to ``inputs``, as a tuple of Tensors,
+    as ``torch.autograd.grad``: no ``.grad`` changes.  ``grad_outputs``: the upstream
+    gradients (None: ones, for one-element outputs).  ``create_graph``: the gradients
+    have a graph, to differentiate again; ``retain_graph`` defaults to it.
+    ``allow_unused``: an input that the outputs do not depend on gets None instead of
+    an error."""
+    outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    single = isinstance(inputs, Tensor)
+    inputs = [inputs] if single else list(inputs)
+    if grad_outputs is None or isinstance(grad_outputs, Tensor) or backend.is_array(grad_outputs):
+        grad_outputs = [grad_outputs] * len(outputs) if grad_outputs is None else [grad_outputs]
+    grad_outputs = list(grad_outputs)
+    if len(grad_outputs) != len(outputs):
+        raise ValueError(f"grad: {len(grad_outputs)} grad_outputs for {len(outputs)} outputs")
+    for i, t in enumerate(inputs):
+        if not isinstance(t, Tensor) or not t.requires_grad:
+            raise RuntimeError(f"grad: input {i} does not require a gradient (shape "
+                               f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__})")
+    return run_backward(outputs, grad_outputs, retain_graph, create_graph, inputs, allow_unused)
+
+
+def _root_gradient(root, grad, create_graph):
+    """The upstream gradient of ``root``: an array, or a Tensor under create_graph."""
+    if not isinstance(root, Tensor) or not root.requires_grad:
+        raise RuntimeError("backward: this tensor does not require a gradient and has no grad_fn "
+                           "(did you forget requires_grad=True, or run under no_grad?)")
+    if grad is None:
+        if root.data.size != 1:
+            raise RuntimeError(f"backward: a gradient can be implicitly created only for a "
+                               f"one-element output, got shape {tuple(root.shape)}; pass the "
+                               f"upstream gradient (grad_outputs, or backward(gradient)) of that "
+                               f"shape")
+        grad = backend.get_array_module(root.data).ones(root.shape, dtype=root.dtype)
+    elif isinstance(grad, Tensor):
+        if grad.shape != root.shape:
+            raise RuntimeError(f"backward: the upstream gradient has shape {tuple(grad.shape)} "
+                               f"but the output has shape {tuple(root.shape)}")
+        if create_graph:
+            return grad if grad.dtype == root.dtype else grad.to(dtype=root.dtype)
+        grad = grad.data
+    # In the tensor's dtype (as PyTorch does): a float64 gradient for a float32 loss
+    # would otherwise turn the whole backward pass into float64.
+    grad = _as_array(grad, root.dtype, root.device)
+    if grad.shape != root.shape:
+        raise RuntimeError(f"backward: the upstream gradient has shape {tuple(grad.shape)} but "
+                           f"the output has shape {tuple(root.shape)}")
+    return Tensor(grad) if create_graph else grad
+
+
+class _GradientSink:
+    """Where gradients end up: leaves' ``.grad`` (``inputs`` None), or, for ``grad``, the
+    gradients of ``inputs`` only.  Then the pass runs only the nodes through which a
+    gradient reaches an input (``needs``), and stops at an input that is not a leaf."""
+
+    def __init__(self, inputs, roots, allow_unused):
+        self.inputs, self.allow_unused = inputs, allow_unused
+        if inputs is None:
+            return
+        self.grads = [None] * len(inputs)
+        self.leaves, self.slots = {}, {}      # id(leaf) / (node, output index) -> positions
+        for k, t in enumerate(inputs):
+            if t.grad_fn is None:
+                self.leaves.setdefault(id(t), []).append(k)
+            else:
+                self.slots.setdefault((t.grad_fn, t.output_index), []).append(k)
+        self.needed = _nodes_reaching(roots, self.leaves, {n for n, _ in self.slots})
+
+    def needs(self, node) -> bool:
+        return self.inputs is None or node in self.needed
+
+    def leaf(self, tensor, grad, create_graph):
+        if self.inputs is None:
+            _accumulate_into_grad(tensor, grad, create_graph)
+        else:
+            for k in self.leaves.get(id(tensor), ()):
+                self.grads[k] = _accumulate(self.grads[k], grad)
+
+    def capture_outputs(self, node, grads, create_graph):
+        if self.inputs is None:
+            for ref, g in zip(node.outputs, grads):   # retain_grad on non-leaf outputs
+                output = ref()
+                if output is not None and output._retain_grad and g is not None:
+                    _accumulate_into_grad(output, g, create_graph)
+            return
+        for index, g in enumerate(grads):
+            for k in self.slots.get((node, index), ()):
+                self.grads[k] = _accumulate(self.grads[k], g)
+
+    def capture_root(self, root, grad):
+        """A root that is itself one of the inputs (or a leaf): d root / d root."""
+        if root.grad_fn is None:
+            self.leaf(root, grad, isinstance(grad, Tensor))
+
+    def result(self):
+        if self.inputs is None:
+            return None
+        out = []
+        for k, g in enumerate(self.grads):
+            if g is None and not self.allow_unused:
+                t = self.inputs[k]
+                raise RuntimeError(f"grad: input {k} (shape {tuple(t.shape)}) gets no gradient: the "
+                                   f"outputs do not depend on it; pass allow_unused=True to get "
+                                   f"None for it")
+            out.append(g if g is None or isinstance(g, Tensor) else Tensor(g))
+        return tuple(out)
+
+
+def _nodes_reaching(roots, leaf_ids, target_nodes):
+    """The nodes from whose backward a gradient reaches a target: a leaf in
+    ``leaf_ids`` or an output of a node in ``target_nodes`` (depth first, no recursion)."""
+    reaches = {}
+    for root in roots:
+        if root.grad_fn is None:
+            continue
+        stack = [(root.grad_fn, False)]
+        while stack:
+            node, children_done = stack.pop()
+            if node in reaches and not children_done:
+                continue
+            edges = [e for e in node.next_edges if e is not None]
+            if not children_done:
+                reaches[node] = False   # open: a graph has no cycles, so no revisit
+                stack.append((node, True))
+                stack.extend((e[0], False) for e in edges
+                             if isinstance(e[0], Function) and e[0] not in reaches)
+                continue
+            reaches[node] = any(id(e[0]) in leaf_ids if isinstance(e[0], Tensor)
+                                else (e[0] in target_nodes or reaches.get(e[0], False))
+                                for e in edges)
+    return {node for node, yes in reaches.items() if yes}
+
+
+def _send(node, index, root, grad, pending, heap, sink, create_graph):
+    """Queue a root's gradient: into its node's slot, or straight to a leaf root."""
+    if node is None:
+        sink.capture_root(root, grad)
+        return
+    _queue(node, index, grad, pending, heap)
+
+
+def _queue(node, index, grad, pending, heap):
+    slots = pending.get(node)
+    if slots is None:
+        slots = pending[node] = [None] * len(node.output_meta)
+        heapq.heappush(heap, (-node.generation, node))
+    slots[index] = _accumulate(slots[index], grad)
+
+
 def _accumulate(existing, new):
-    """Sum two gradient arrays without writing into either (they may be shared)."""
+    """Sum two gradients without writing into either (they may be shared); for Tensors,
+    an ``Add`` node of the gradient's graph."""
     return new if existing is None else existing + new
 
 
-def _accumulate_into_grad(tensor: Tensor, grad) -> None:
+def _accumulate_into_grad(tensor: Tensor, grad, create_graph=False) -> None:
     """Add ``grad`` to ``tensor.grad``: a leaf's, or a non-leaf's that asked for
-    ``retain_grad``.  Sums across backward calls until the gradient is zeroed."""
+    ``retain_grad``.  Sums across backward calls until the gradient is zeroed; under
+    create_graph out of place, so the graph of an earlier gradient stays as it was."""
     if grad.shape != tensor.shape:
         raise RuntimeError(f"backward: gradient of shape {grad.shape} for a tensor of shape "
                            f"{tensor.shape} (an op's backward returned the wrong shape)")
-    if tensor.grad is None:
+    if isinstance(grad, Tensor):
+        if grad.dtype != tensor.dtype:
+            grad = grad.to(dtype=tensor.dtype)
+        # A new node, so that no .grad aliases another gradient or the upstream one.
+        tensor.grad = _Copy()(grad) if tensor.grad is None else tensor.grad + grad
+    elif tensor.grad is None:
         # A copy, so that no .grad aliases another gradient or the upstream one.
         tensor.grad = Tensor(grad.astype(tensor.dtype, copy=True))
+    elif tensor.grad.grad_fn is not None:
+        tensor.grad = Tensor(tensor.grad.data + grad)   # after a create_graph pass: out of place
     else:
         tensor.grad.data += grad
 
 
-def run_backward(root: Tensor, grad=None, retain_graph: bool = False) -> None:
-    if not root.requires_grad:
-        raise RuntimeError("backward: this tensor does not require a gradient and has no grad_fn "
-                           "(did you forget requires_grad=True, or run under no_grad?)")
-    xp = backend.get_array_module(root.data)
-    if grad is None:
-        if root.data.size != 1:
-            raise RuntimeError(f"backward: grad can be implicitly created only for a scalar output, "
-                               f"got shape {root.shape}; pass backward(grad) with that shape")
-        grad = xp.ones(root.shape, dtype=root.dtype)
-    else:
-        # In the tensor's dtype (as PyTorch does): a float64 gradient for a float32 loss
-        # would otherwise turn the whole backward pass into float64.
-        grad = _as_array(grad, root.dtype, root.device)
-        if grad.shape != root.shape:
-            raise RuntimeError(f"backward: grad has shape {grad.shape} but the tensor has shape "
-                               f"{root.shape}")
-    if root.grad_fn is None:
-        _accumulate_into_grad(root, grad)
-        return
+class _Copy(Function):
+    """y = a copy of x; the gradient passes through."""
 
-    pending = {}   # node -> list of gradient arrays, one per output
-    heap = []
-    root_node = root.grad_fn
-    pending[root_node] = [None] * len(root_node.output_meta)
-    pending[root_node][root.output_index] = grad
-    heapq.heappush(heap, (-root_node.generation, root_node))
-    while heap:
-        _, node = heapq.heappop(heap)
-        # One expression, no local names: the gradients of the node's outputs and those
-        # it computes for its inputs are freed as soon as they have been passed on.
-        _pass_on(node, _call_backward(node, pending.pop(node), retain_graph), pending, heap)
+    differentiable = True
+
+    def forward(self, x):
+        return x.copy()
+
+    def backward(self, gy):
+        return gy
+
+    def differentiable_backward(self, gy):
+        return gy
 
 
-def _call_backward(node: Function, grad_outputs, retain_graph: bool):
-    """Run ``node.backward`` on the gradients of its outputs; one gradient per input."""
+def _call_backward(node: Function, grad_outputs, retain_graph: bool, create_graph: bool, sink):
+    """Run the node's backward on the gradients of its outputs; one gradient per input."""
+    sink.capture_outputs(node, grad_outputs, create_graph)
     if node.saved is None:
         raise RuntimeError(f"backward: {type(node).__name__} was already backpropagated and its "
                            f"saved arrays freed; pass retain_graph=True to the first backward "
                            f"to go through the graph twice")
-    for ref, grad in zip(node.outputs, grad_outputs):  # retain_grad on non-leaf outputs
-        output = ref()
-        if output is not None and output._retain_grad and grad is not None:
-            _accumulate_into_grad(output, grad)
     if any(g is None for g in grad_outputs):
         # Zeros on the node's own device (a graph can cross devices with .to()): the
         # array module of a gradient that arrived; a queued node has at least one.
-        xp = backend.get_array_module(next(g for g in grad_outputs if g is not None))
-        grad_outputs = [g if g is not None else xp.zeros(shape, dtype)
+        some = next(g for g in grad_outputs if g is not None)
+        xp = backend.get_array_module(some.data if isinstance(some, Tensor) else some)
+        grad_outputs = [g if g is not None else _wrap(xp.zeros(shape, dtype), create_graph)
                         for g, (shape, dtype) in zip(grad_outputs, node.output_meta)]
     prof = observer
-    if prof is None:
-        grad_inputs = node.backward(*grad_outputs)
-    else:
+    if prof is not None:
         start = prof.now()
+    if not create_graph:
         grad_inputs = node.backward(*grad_outputs)
+    elif node.differentiable:
+        grad_inputs = node.differentiable_backward(*grad_outputs)
+    else:
+        grad_inputs = _once_differentiable_backward(node, grad_outputs)
+    if prof is not None:
         prof.record_backward(type(node).__name__, start)
     if not isinstance(grad_inputs, tuple):
         grad_inputs = (grad_inputs,)
@@ -465,19 +753,35 @@ def _call_backward(node: Function, grad_outputs, retain_graph: bool):
     return grad_inputs
 
 
-def _pass_on(node: Function, grad_inputs, pending, heap) -> None:
-    """Send each input gradient along its edge: into a leaf's ``.grad``, or into the
+def _wrap(array, create_graph):
+    return Tensor(array) if create_graph else array
+
+
+def _once_differentiable_backward(node, grad_outputs):
+    """Under create_graph, an op with a raw backward only: its gradients, computed from
+    the arrays, under a node that raises if a second backward reaches it.  That node's
+    edges are those of everything the gradients depend on: the upstream gradients and
+    the op's inputs."""
+    raw = node.backward(*[g.data for g in grad_outputs])
+    raw = raw if isinstance(raw, tuple) else (raw,)
+    edges = tuple(_edge_of(g) for g in grad_outputs if g.requires_grad)
+    edges += tuple(e for e in node.next_edges if e is not None)
+    present = [g for g in raw if g is not None]
+    if not edges or not present:
+        return tuple(None if g is None else Tensor(g) for g in raw)
+    made = iter(_NotDifferentiableTwice(type(node).__name__)._record(edges, present))
+    return tuple(None if g is None else next(made) for g in raw)
+
+
+def _pass_on(node: Function, grad_inputs, pending, heap, sink, create_graph) -> None:
+    """Send each input gradient along its edge: to a leaf (``sink``), or into the
     producing node's slot in ``pending`` (summed with what has already arrived there),
     queueing that node when its first gradient arrives."""
-    for edge, grad in zip(node.next_edges, grad_inputs):
-        if edge is None or grad is None:
+    for edge, g in zip(node.next_edges, grad_inputs):
+        if edge is None or g is None:
             continue
         target, index = edge
         if isinstance(target, Tensor):
-            _accumulate_into_grad(target, grad)
+            sink.leaf(target, g, create_graph)
         else:
-            slots = pending.get(target)
-            if slots is None:
-                slots = pending[target] = [None] * len(target.output_meta)
-                heapq.heappush(heap, (-target.generation, target))
-            slots[index] = _accumulate(slots[index], grad)
+            _queue(target, index, g, pending, heap)

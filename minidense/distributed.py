@@ -249,6 +249,10 @@ class SyncBatchNormFunction(BatchNorm):
     backward pass the two sums of the batch-statistics term are added up too; the
     parameter gradients stay local, since ``average_gradients`` averages them."""
 
+    # Its statistics are sums over the processes (allreduce), which the ops that a
+    # differentiable backward is made of cannot express: differentiable once only.
+    differentiable = False
+
     def __init__(self, comm, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.comm = comm

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
-from .autograd import Tensor, no_grad
+from .autograd import Tensor, enable_grad, grad, no_grad
+from .functions.array import concat
 
 
 class GradcheckError(RuntimeError):
@@ -104,3 +105,46 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, max_elements=64, direc
             raise GradcheckError(worst[1])
         return False
     return True
+
+
+def gradgradcheck(fn, inputs, grad_outputs=None, eps=1e-6, atol=1e-5, rtol=1e-3, max_elements=64,
+                  directions=6, seed=0, raise_exception=True):
+    """True if the second derivatives of ``fn(*inputs)`` agree with finite differences of
+    its first derivatives.
+
+    The first derivatives are g(x, v) = J(x)^T v, computed by ``grad(...,
+    create_graph=True)`` for an upstream gradient v (``grad_outputs``, by default drawn
+    at random, float64); ``gradcheck`` then checks g's own gradients, with respect to
+    every input and to v, against central differences of g.  So a backward that forgets
+    a dependence (a statistic kept as a constant, a mask applied twice) fails here even
+    where the first derivatives are right.  Use float64.
+    """
+    if isinstance(inputs, Tensor):
+        inputs = (inputs,)
+    inputs = tuple(inputs)
+    checked = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    with no_grad():
+        out = fn(*inputs)
+    if grad_outputs is None:
+        v = np.random.default_rng(seed + 1).standard_normal(out.shape)
+        xp = backend.get_array_module(out.data)
+        grad_outputs = Tensor(xp.asarray(v, dtype=np.float64), requires_grad=True)
+    elif not grad_outputs.requires_grad:
+        grad_outputs = Tensor(grad_outputs.data, requires_grad=True)
+
+    def first_derivatives(*args):
+        xs, v = args[:-1], args[-1]
+        with enable_grad():
+            y = fn(*xs)
+            grads = grad(y, [xs[i] for i in checked], v, create_graph=True, allow_unused=True)
+        flat = [(g if g is not None else Tensor(xp_zeros(xs[i]))).reshape(-1)
+                for g, i in zip(grads, checked)]
+        return concat(flat, axis=0) if len(flat) > 1 else flat[0]
+
+    return gradcheck(first_derivatives, inputs + (grad_outputs,), eps, atol, rtol, max_elements,
+                     directions, seed, raise_exception)
+
+
+def xp_zeros(t):
+    """Zeros shaped like ``t``, on its device."""
+    return backend.get_array_module(t.data).zeros(t.shape, dtype=t.dtype)

@@ -27,7 +27,7 @@ import contextlib
 import threading
 
 from . import backend
-from .autograd import Function, Tensor, enable_grad, is_grad_enabled, no_grad
+from .autograd import Function, Tensor, backward_mode, enable_grad, is_grad_enabled, no_grad
 
 # Global state, per thread: True while a recompute node runs its function again in
 # backward (in the thread running that backward).  Read by BatchNorm
@@ -70,6 +70,15 @@ class Recompute(Function):
         return y.data
 
     def backward(self, gy):
+        create_graph, returns_gradients = backward_mode()
+        if create_graph or returns_gradients:
+            # Its backward runs a backward pass of its own, which puts the parameters'
+            # gradients in their .grad: neither a graph of gradients nor md.grad's
+            # returned gradients would see them.
+            raise RuntimeError("md.recompute (the memory-efficient DenseNet) supports only "
+                               "loss.backward() without create_graph; for create_graph=True or "
+                               "md.grad, run the model without recomputation "
+                               "(memory_efficient=False)")
         sinks = [_GradSink() if need else None for need in self.needs_input_grad[:self.num_inputs]]
         rng = backend.replay_rng(self.device, self.rng) if self.rng is not None else contextlib.nullcontext()
         with enable_grad(), _recomputation(), rng:

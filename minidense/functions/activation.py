@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from ..autograd import Function
+from ..autograd import Function, Tensor
 from ..fast_paths import fast_paths_enabled
 from . import cpu_pieces
 
@@ -29,6 +29,12 @@ class ReLU(Function):
             return cpu_pieces.relu_backward(gy, y)
         return gy * (y > 0)
 
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        (y,) = self.saved   # the mask y > 0 is a constant: the ReLU is piecewise linear
+        return gy * Tensor((y > 0).astype(y.dtype))
+
 
 class Sigmoid(Function):
     """1 / (1 + exp(-x)), computed without overflow.  Keeps: its output."""
@@ -44,6 +50,12 @@ class Sigmoid(Function):
         (y,) = self.saved
         return gy * y * (1 - y)
 
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        (y,) = self.saved_tensors()
+        return gy * y * (1 - y)
+
 
 class Tanh(Function):
     def forward(self, x):
@@ -53,6 +65,12 @@ class Tanh(Function):
 
     def backward(self, gy):
         (y,) = self.saved
+        return gy * (1 - y * y)
+
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        (y,) = self.saved_tensors()
         return gy * (1 - y * y)
 
 

@@ -7,9 +7,12 @@ import numpy as np
 
 from .. import backend
 from ..autograd import Function, Tensor, as_tensor
+from ._utils import sum_to
 
 
 class Reshape(Function):
+    differentiable = True
+
     def __init__(self, shape):
         self.shape = shape
 
@@ -24,8 +27,13 @@ class Reshape(Function):
     def backward(self, gy):
         return gy.reshape(self.input_shape)
 
+    def differentiable_backward(self, gy):
+        return Reshape(self.input_shape)(gy)
+
 
 class Transpose(Function):
+    differentiable = True
+
     def __init__(self, axes=None):
         self.axes = axes
 
@@ -40,6 +48,9 @@ class Transpose(Function):
     def backward(self, gy):
         return gy.transpose(self.inverse)
 
+    def differentiable_backward(self, gy):
+        return Transpose(self.inverse)(gy)
+
 
 def _is_basic_index(index) -> bool:
     """Slices, integers, None and Ellipsis never select one element twice."""
@@ -48,6 +59,11 @@ def _is_basic_index(index) -> bool:
 
 
 class GetItem(Function):
+    """x[index].  Backward: the gradient scattered into zeros of x's shape
+    (``GetItemGrad``, whose own backward is this gather again)."""
+
+    differentiable = True
+
     def __init__(self, index):
         self.index = index
 
@@ -56,13 +72,39 @@ class GetItem(Function):
         return x[self.index]
 
     def backward(self, gy):
-        xp = backend.get_array_module(gy)
-        gx = xp.zeros(self.input_shape, dtype=self.input_dtype)
-        if _is_basic_index(self.index):
-            gx[self.index] = gy
-        else:
-            backend.scatter_add(gx, self.index, gy)
-        return gx
+        return _scatter(gy, self.index, self.input_shape, self.input_dtype)
+
+    def differentiable_backward(self, gy):
+        return GetItemGrad(self.index, self.input_shape, self.input_dtype)(gy)
+
+
+class GetItemGrad(Function):
+    """zeros(shape) with ``gy`` added at ``index``: GetItem's backward as an op (linear
+    in gy; its backward is the gather ``GetItem``)."""
+
+    differentiable = True
+
+    def __init__(self, index, shape, dtype):
+        self.index, self.shape, self.dtype = index, shape, dtype
+
+    def forward(self, gy):
+        return _scatter(gy, self.index, self.shape, self.dtype)
+
+    def backward(self, ggx):
+        return ggx[self.index]
+
+    def differentiable_backward(self, ggx):
+        return GetItem(self.index)(ggx)
+
+
+def _scatter(values, index, shape, dtype):
+    """zeros(shape) with ``values`` added at ``index`` (repeated indices add up)."""
+    out = backend.get_array_module(values).zeros(shape, dtype=dtype)
+    if _is_basic_index(index):
+        out[index] = values
+    else:
+        backend.scatter_add(out, index, values)
+    return out
 
 
 class Concat(Function):
@@ -100,6 +142,13 @@ class Concat(Function):
         xp = backend.get_array_module(gy)
         return tuple(xp.split(gy, bounds, axis=self.axis_))
 
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        starts = [0] + list(itertools.accumulate(self.sizes))
+        lead = (slice(None),) * self.axis_
+        return tuple(GetItem(lead + (slice(a, b),))(gy) for a, b in zip(starts, starts[1:]))
+
 
 class ToDeviceAndDtype(Function):
     """A copy on another device or in another dtype; the gradient goes back."""
@@ -115,6 +164,62 @@ class ToDeviceAndDtype(Function):
     def backward(self, gy):
         device, dtype = self.source
         return backend.to_device(gy, device).astype(dtype, copy=False)
+
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        device, dtype = self.source
+        return ToDeviceAndDtype(device, dtype)(gy)
+
+
+class BroadcastTo(Function):
+    """x broadcast to ``shape`` (a copy); backward: the gradient summed back to x's shape.
+    The backward of a sum, and of broadcasting in the element-wise ops."""
+
+    differentiable = True
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        self.input_shape = x.shape
+        return backend.get_array_module(x).broadcast_to(x, self.shape).copy()
+
+    def backward(self, gy):
+        return sum_to(gy, self.input_shape)
+
+    def differentiable_backward(self, gy):
+        return sum_to_shape(gy, self.input_shape)
+
+
+class SumTo(Function):
+    """x summed down to ``shape``, the axes NumPy broadcasting added or stretched; backward:
+    the gradient broadcast back.  The backward of broadcasting."""
+
+    differentiable = True
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        self.input_shape = x.shape
+        return sum_to(x, self.shape)
+
+    def backward(self, gy):
+        return backend.get_array_module(gy).broadcast_to(gy, self.input_shape).copy()
+
+    def differentiable_backward(self, gy):
+        return broadcast_to(gy, self.input_shape)
+
+
+def broadcast_to(x, shape):
+    x = as_tensor(x)
+    return x if tuple(x.shape) == tuple(shape) else BroadcastTo(shape)(x)
+
+
+def sum_to_shape(x, shape):
+    """``x`` (a Tensor) summed down to ``shape``: differentiable ``_utils.sum_to``."""
+    return x if tuple(x.shape) == tuple(shape) else SumTo(shape)(x)
 
 
 def as_tuple(args):

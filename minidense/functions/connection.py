@@ -10,6 +10,8 @@ from ..fast_paths import fast_paths_enabled
 from . import conv_phase_grid as phase_grid
 from . import conv_winograd as winograd
 from ._utils import col2im, expect_ndim, im2col, output_size, pair
+from .array import transpose
+from .math import matmul
 
 
 # The algorithms conv2d can use, the basic one first; ``conv_algorithm`` chooses.
@@ -157,19 +159,98 @@ class Conv2d(Function):
         return xp.ascontiguousarray(y.reshape(o, n, oh, ow).transpose(1, 0, 2, 3))
 
     def _backward_im2col(self, x, w, gy, want_gx, want_gw):
-        xp = backend.get_array_module(gy)
-        n, o, oh, ow = gy.shape
-        kh, kw = w.shape[2:]
-        gy_mat = xp.ascontiguousarray(gy.transpose(1, 0, 2, 3)).reshape(o, n * oh * ow)
-        gx = gw = None
-        if want_gw:
-            cols = im2col(x, (kh, kw), self.stride, self.padding, rows=True)
-            gw = xp.matmul(gy_mat, cols.T).reshape(w.shape)
-            del cols
-        if want_gx:
-            gcols = xp.matmul(w.reshape(o, -1).T, gy_mat)                  # (C*kh*kw, N*OH*OW)
-            gx = col2im(gcols, x.shape, self.stride, self.padding, rows=(kh, kw))
+        gw = self._weight_grad_im2col(x, gy, w.shape) if want_gw else None
+        gx = self._input_grad_im2col(gy, w, x.shape) if want_gx else None
         return gx, gw
+
+    def _weight_grad_im2col(self, x, gy, w_shape):
+        """dW = gy @ patches^T."""
+        xp = backend.get_array_module(gy)
+        cols = im2col(x, w_shape[2:], self.stride, self.padding, rows=True)
+        return xp.matmul(_gy_matrix(gy), cols.T).reshape(w_shape)
+
+    def _input_grad_im2col(self, gy, w, x_shape):
+        """dx = col2im(W^T @ gy): the transposed convolution of gy by W."""
+        xp = backend.get_array_module(gy)
+        o = w.shape[0]
+        gcols = xp.matmul(w.reshape(o, -1).T, _gy_matrix(gy))              # (C*kh*kw, N*OH*OW)
+        return col2im(gcols, x_shape, self.stride, self.padding, rows=tuple(w.shape[2:]))
+
+    # -- Differentiable twice (create_graph=True) -------------------------------------
+    # The gradients are ops themselves, which close on each other as in Chainer: the
+    # input gradient is a transposed convolution (Conv2dGradInput), the weight gradient
+    # an op of its own (Conv2dGradWeight), and each one's backward is made of
+    # convolutions and the other.  They run the basic algorithm.
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        x, w = self.saved_tensors()
+        want_gx, want_gw = self.needs_input_grad[:2]
+        gx = Conv2dGradInput(x.shape, self.stride, self.padding)(gy, w) if want_gx else None
+        gw = Conv2dGradWeight(w.shape, self.stride, self.padding)(x, gy) if want_gw else None
+        if len(self.needs_input_grad) == 2:
+            return gx, gw
+        return gx, gw, (gy.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None)
+
+
+def _gy_matrix(gy):
+    """gy (N, O, OH, OW) as the (O, N*OH*OW) matrix of the products."""
+    n, o, oh, ow = gy.shape
+    return backend.get_array_module(gy).ascontiguousarray(gy.transpose(1, 0, 2, 3)).reshape(o, n * oh * ow)
+
+
+class Conv2dGradInput(Function):
+    """gx = the transposed convolution of gy by W (conv2d's input gradient), as an op.
+    Linear in each of gy and W: d/dgy is conv2d by W, d/dW is Conv2dGradWeight."""
+
+    differentiable = True
+
+    def __init__(self, x_shape, stride, padding):
+        self.x_shape, self.conv = tuple(x_shape), Conv2d(stride, padding)
+
+    def forward(self, gy, w):
+        self.save_for_backward(gy, w)
+        return self.conv._input_grad_im2col(gy, w, self.x_shape)
+
+    def backward(self, g):
+        gy, w = self.saved
+        ggy = self.conv._forward_im2col(g, w) if self.needs_input_grad[0] else None
+        gw = self.conv._weight_grad_im2col(g, gy, w.shape) if self.needs_input_grad[1] else None
+        return ggy, gw
+
+    def differentiable_backward(self, g):
+        gy, w = self.saved_tensors()
+        stride, padding = self.conv.stride, self.conv.padding
+        ggy = Conv2d(stride, padding)(g, w) if self.needs_input_grad[0] else None
+        gw = Conv2dGradWeight(w.shape, stride, padding)(g, gy) if self.needs_input_grad[1] else None
+        return ggy, gw
+
+
+class Conv2dGradWeight(Function):
+    """gW = gy @ patches(x)^T (conv2d's weight gradient), as an op.  Linear in each of x
+    and gy: d/dx is Conv2dGradInput of gy by the upstream g, d/dgy is conv2d of x by g."""
+
+    differentiable = True
+
+    def __init__(self, w_shape, stride, padding):
+        self.w_shape, self.conv = tuple(w_shape), Conv2d(stride, padding)
+
+    def forward(self, x, gy):
+        self.save_for_backward(x, gy)
+        return self.conv._weight_grad_im2col(x, gy, self.w_shape)
+
+    def backward(self, g):
+        x, gy = self.saved
+        gx = self.conv._input_grad_im2col(gy, g, x.shape) if self.needs_input_grad[0] else None
+        ggy = self.conv._forward_im2col(x, g) if self.needs_input_grad[1] else None
+        return gx, ggy
+
+    def differentiable_backward(self, g):
+        x, gy = self.saved_tensors()
+        stride, padding = self.conv.stride, self.conv.padding
+        gx = Conv2dGradInput(x.shape, stride, padding)(gy, g) if self.needs_input_grad[0] else None
+        ggy = Conv2d(stride, padding)(x, g) if self.needs_input_grad[1] else None
+        return gx, ggy
 
 
 class Linear(Function):
@@ -200,6 +281,18 @@ class Linear(Function):
         if len(self.needs_input_grad) == 3:
             gb = gy.reshape(-1, gy.shape[-1]).sum(axis=0) if self.needs_input_grad[2] else None
             grads += (gb,)
+        return grads
+
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        x, w = self.saved_tensors()
+        gx = matmul(gy, w) if self.needs_input_grad[0] else None
+        rows = gy.reshape(-1, gy.shape[-1])
+        gw = matmul(transpose(rows, 1, 0), x.reshape(-1, x.shape[-1])) if self.needs_input_grad[1] else None
+        grads = (gx, gw)
+        if len(self.needs_input_grad) == 3:
+            grads += (rows.sum(axis=0) if self.needs_input_grad[2] else None,)
         return grads
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 from .. import backend
 from ..autograd import Function, Tensor, as_tensor
 from ._utils import sum_to
+from .array import Reshape, Transpose, broadcast_to, sum_to_shape
 
 
 class Add(Function):
+    differentiable = True
+
     def forward(self, a, b):
         self.shapes = a.shape, b.shape
         return a + b
@@ -14,14 +17,22 @@ class Add(Function):
     def backward(self, gy):
         return sum_to(gy, self.shapes[0]), sum_to(gy, self.shapes[1])
 
+    def differentiable_backward(self, gy):
+        return sum_to_shape(gy, self.shapes[0]), sum_to_shape(gy, self.shapes[1])
+
 
 class Sub(Function):
+    differentiable = True
+
     def forward(self, a, b):
         self.shapes = a.shape, b.shape
         return a - b
 
     def backward(self, gy):
         return sum_to(gy, self.shapes[0]), sum_to(-gy, self.shapes[1])
+
+    def differentiable_backward(self, gy):
+        return sum_to_shape(gy, self.shapes[0]), sum_to_shape(-gy, self.shapes[1])
 
 
 class Mul(Function):
@@ -35,6 +46,14 @@ class Mul(Function):
         a, b = self.saved
         ga = sum_to(gy * b, self.shapes[0]) if b is not None else None
         gb = sum_to(gy * a, self.shapes[1]) if a is not None else None
+        return ga, gb
+
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        a, b = self.saved_tensors()
+        ga = sum_to_shape(gy * b, self.shapes[0]) if b is not None else None
+        gb = sum_to_shape(gy * a, self.shapes[1]) if a is not None else None
         return ga, gb
 
 
@@ -51,12 +70,25 @@ class Div(Function):
         gb = sum_to(-gy * y / b, self.shapes[1]) if y is not None else None
         return ga, gb
 
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        b, y = self.saved_tensors()   # y: the output, a function of a and b in the graph
+        ga = sum_to_shape(gy / b, self.shapes[0]) if self.needs_input_grad[0] else None
+        gb = sum_to_shape(-gy * y / b, self.shapes[1]) if y is not None else None
+        return ga, gb
+
 
 class Neg(Function):
+    differentiable = True
+
     def forward(self, x):
         return -x
 
     def backward(self, gy):
+        return -gy
+
+    def differentiable_backward(self, gy):
         return -gy
 
 
@@ -72,6 +104,13 @@ class PowScalar(Function):
 
     def backward(self, gy):
         (x,) = self.saved
+        c = self.exponent
+        return gy * (c * x ** (c - 1))
+
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        (x,) = self.saved_tensors()
         c = self.exponent
         return gy * (c * x ** (c - 1))
 
@@ -97,6 +136,18 @@ class Pow(Function):
             gb = sum_to(gy * y * log_a, self.shapes[1])
         return ga, gb
 
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        a, b, y = self.saved_tensors()
+        ga = sum_to_shape(gy * b * a ** (b - 1), self.shapes[0]) if b is not None else None
+        gb = None
+        if y is not None:
+            positive = Tensor((a.data > 0).astype(a.dtype))   # a constant mask: log a, 0 where a <= 0
+            log_a = log(a * positive + (1 - positive)) * positive
+            gb = sum_to_shape(gy * y * log_a, self.shapes[1])
+        return ga, gb
+
 
 class MatMul(Function):
     """a @ b for arrays of two or more dimensions, batch dimensions broadcast."""
@@ -116,8 +167,18 @@ class MatMul(Function):
         gb = sum_to(a.swapaxes(-1, -2) @ gy, self.shapes[1]) if a is not None else None
         return ga, gb
 
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        a, b = self.saved_tensors()
+        ga = sum_to_shape(MatMul()(gy, _swap_last_axes(b)), self.shapes[0]) if b is not None else None
+        gb = sum_to_shape(MatMul()(_swap_last_axes(a), gy), self.shapes[1]) if a is not None else None
+        return ga, gb
+
 
 class Exp(Function):
+    differentiable = True
+
     def forward(self, x):
         y = backend.get_array_module(x).exp(x)
         self.save_for_backward(y)
@@ -127,8 +188,14 @@ class Exp(Function):
         (y,) = self.saved
         return gy * y
 
+    def differentiable_backward(self, gy):
+        (y,) = self.saved_tensors()
+        return gy * y
+
 
 class Log(Function):
+    differentiable = True
+
     def forward(self, x):
         self.save_for_backward(x)
         return backend.get_array_module(x).log(x)
@@ -137,8 +204,14 @@ class Log(Function):
         (x,) = self.saved
         return gy / x
 
+    def differentiable_backward(self, gy):
+        (x,) = self.saved_tensors()
+        return gy / x
+
 
 class Sqrt(Function):
+    differentiable = True
+
     def forward(self, x):
         y = backend.get_array_module(x).sqrt(x)
         self.save_for_backward(y)
@@ -146,6 +219,10 @@ class Sqrt(Function):
 
     def backward(self, gy):
         (y,) = self.saved
+        return gy / (2 * y)
+
+    def differentiable_backward(self, gy):
+        (y,) = self.saved_tensors()
         return gy / (2 * y)
 
 
@@ -176,6 +253,11 @@ class Sum(Function):
             gy = xp.expand_dims(gy, self.axes)
         return xp.broadcast_to(gy, self.input_shape).copy()
 
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        return broadcast_to(_with_reduced_axes(gy, self.axes, self.input_shape), self.input_shape)
+
 
 class Max(Function):
     """Maximum over axes; tied maxima share the gradient equally."""
@@ -197,6 +279,26 @@ class Max(Function):
         if not self.keepdims:
             gy = xp.expand_dims(gy, self.axes)
         return mask * (gy / count)
+
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        # Piecewise linear: the mask and the tie count are constants.
+        mask, count = self.saved
+        share = Tensor((mask / count).astype(gy.dtype, copy=False))
+        return share * _with_reduced_axes(gy, self.axes, mask.shape)
+
+
+def _with_reduced_axes(gy, axes, shape):
+    """A reduction's gradient with its reduced axes put back as size 1 (a Reshape)."""
+    kept = tuple(1 if i in axes else n for i, n in enumerate(shape))
+    return gy if tuple(gy.shape) == kept else Reshape(kept)(gy)
+
+
+def _swap_last_axes(t):
+    axes = list(range(t.ndim))
+    axes[-1], axes[-2] = axes[-2], axes[-1]
+    return Transpose(axes)(t)
 
 
 # ---------------------------------------------------------------------------

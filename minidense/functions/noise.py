@@ -28,6 +28,12 @@ class Dropout(Function):
         (mask,) = self.saved
         return gy * mask
 
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        (mask,) = self.saved_tensors()   # the same mask again: a constant
+        return gy * mask
+
 
 def dropout(x, p=0.5, training=True, generator=None):
     """Inverted dropout; the identity when not training or when p == 0.

@@ -127,6 +127,33 @@ class BatchNorm(Function):
         gx = scale * (gy - _per_channel(sum_gy / count, x) - x_hat * _per_channel(sum_gy_x_hat / count, x))
         return gx, ggamma, gbeta
 
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        """The plain algorithm's gradient with ops on Tensors (create_graph=True).  In
+        training mode the mean and the variance are recomputed from x with ops: they are
+        functions of x, which a second derivative must see (the saved mean and 1/std
+        would be constants to it)."""
+        x, mean, inv_std, gamma, *beta = self.saved_tensors()
+        axes = (0,) + tuple(range(2, x.ndim))
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        if self.training:
+            centred = x - x.mean(axis=axes, keepdims=True)
+            inv_std = ((centred * centred).mean(axis=axes, keepdims=True) + self.eps) ** -0.5
+        else:   # the running statistics: constants
+            centred, inv_std = x - mean.reshape(shape), inv_std.reshape(shape)
+        x_hat = centred * inv_std
+        gamma = gamma.reshape(shape)
+        if self.relu:   # the ReLU's mask: a constant (piecewise linear)
+            before_relu = (gamma * x_hat + beta[0].reshape(shape)).data
+            gy = gy * Tensor((before_relu > 0).astype(gy.dtype))
+        gbeta, ggamma = gy.sum(axis=axes), (gy * x_hat).sum(axis=axes)
+        if not self.training:
+            return gamma * inv_std * gy, ggamma, gbeta
+        m = self.values_per_channel(x.data)
+        gx = gamma * inv_std * (gy - gbeta.reshape(shape) / m - x_hat * ggamma.reshape(shape) / m)
+        return gx, ggamma, gbeta
+
     # -- the hooks of SyncBatchNorm ---------------------------------------------------
     def values_per_channel(self, x):
         """How many values each channel's batch statistics are taken over (m)."""

@@ -7,6 +7,7 @@ from .. import backend
 from ..autograd import Function
 from ..fast_paths import fast_paths_enabled
 from ._utils import col2im, expect_ndim, im2col, output_size, pair
+from .array import Reshape, broadcast_to
 
 
 class _Pool2d(Function):
@@ -67,6 +68,11 @@ class AvgPool2d(_Pool2d):
         gcol = xp.broadcast_to(g[:, :, None, None], g.shape[:2] + (kh, kw) + g.shape[2:])
         return col2im(gcol, self.input_shape, self.stride, self.padding)
 
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        return _PoolGrad(self)(gy)
+
     def _forward_tiled(self, x):
         kh, kw = self.kernel
         y = x[:, :, 0::kh, 0::kw].copy()
@@ -116,7 +122,10 @@ class MaxPool2d(_Pool2d):
         return y
 
     def backward(self, gy):
-        (index,) = self.saved
+        return self.scatter_to_argmax(gy, self.saved[0])
+
+    def scatter_to_argmax(self, gy, index):
+        """Each output's gradient sent to the argmax of its window."""
         xp = backend.get_array_module(gy)
         n, c, oh, ow = gy.shape
         kh, kw = self.kernel
@@ -132,6 +141,52 @@ class MaxPool2d(_Pool2d):
         return col2im(gcol.reshape(n, c, kh, kw, oh, ow), self.input_shape, self.stride,
                       self.padding)
 
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        return _PoolGrad(self)(gy)
+
+    def gather_at_argmax(self, g, index):
+        """g (shaped like the input) at each window's argmax: the backward's adjoint (a
+        max pooling whose choices are fixed), linear in g."""
+        xp = backend.get_array_module(g)
+        n, c, oh, ow = index.shape
+        kh, kw = self.kernel
+        if self.tiles:
+            windows = self._tiled(g).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, kh * kw)
+            return xp.take_along_axis(windows, index[..., None].astype(xp.int64), axis=4)[..., 0]
+        windows = im2col(g, self.kernel, self.stride, self.padding, writable=False)
+        windows = windows.reshape(n, c, kh * kw, oh, ow)
+        return xp.take_along_axis(windows, index[:, :, None].astype(xp.int64), axis=2)[:, :, 0]
+
+
+class _PoolGrad(Function):
+    """A pooling's backward as an op (create_graph=True): gx from gy, linear in gy, the
+    windows (and for max pooling the argmax) those of ``pool``'s forward.  Its own
+    backward is the pooling again with those windows: AvgPool2d's forward, or
+    MaxPool2d's ``gather_at_argmax``; and that one's is this op."""
+
+    differentiable = True
+
+    def __init__(self, pool, adjoint=False, index=None):
+        # The argmax, held here: the pooling node may be released before this one runs.
+        self.pool, self.adjoint = pool, adjoint
+        self.index = pool.saved[0] if index is None and isinstance(pool, MaxPool2d) else index
+
+    def forward(self, g):
+        if isinstance(self.pool, MaxPool2d):
+            return (self.pool.gather_at_argmax(g, self.index) if self.adjoint
+                    else self.pool.scatter_to_argmax(g, self.index))
+        if self.adjoint:
+            return AvgPool2d(self.pool.kernel, self.pool.stride, self.pool.padding).forward(g)
+        return self.pool.backward(g)
+
+    def backward(self, g):
+        return _PoolGrad(self.pool, not self.adjoint, self.index).forward(g)
+
+    def differentiable_backward(self, g):
+        return _PoolGrad(self.pool, not self.adjoint, self.index)(g)
+
 
 class GlobalAvgPool2d(Function):
     """Mean over the whole image: (N, C, H, W) -> (N, C).  Keeps: nothing."""
@@ -145,6 +200,12 @@ class GlobalAvgPool2d(Function):
         xp = backend.get_array_module(gy)
         n, c, h, w = self.input_shape
         return xp.broadcast_to((gy * (1.0 / (h * w)))[:, :, None, None], self.input_shape).copy()
+
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        n, c, h, w = self.input_shape
+        return broadcast_to(Reshape((n, c, 1, 1))(gy) * (1.0 / (h * w)), self.input_shape)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0):
