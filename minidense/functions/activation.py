@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from ..autograd import Function, Tensor
+from ..autograd import Function
 from ..fast_paths import fast_paths_enabled
 from . import cpu_pieces
+from .math import Step
 
 
 class ReLU(Function):
@@ -32,8 +33,8 @@ class ReLU(Function):
     differentiable = True
 
     def differentiable_backward(self, gy):
-        (y,) = self.saved   # the mask y > 0 is a constant: the ReLU is piecewise linear
-        return gy * Tensor((y > 0).astype(y.dtype))
+        (y,) = self.saved_tensors()   # piecewise linear: the mask's derivative is zero
+        return gy * Step()(y)
 
 
 class Sigmoid(Function):

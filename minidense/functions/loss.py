@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .. import backend
-from ..autograd import Function, as_tensor
+from ..autograd import Function, Tensor, as_tensor
+from .math import exp
 from ._utils import expect_ndim
 
 
@@ -15,7 +16,7 @@ def log_softmax_array(logits):
 
 class CrossEntropy(Function):
     """Mean over the batch of -log softmax(logits)[label].
-    Keeps: the softmax probabilities and the labels."""
+    Keeps: the logits and the labels (the softmax is recomputed in backward)."""
 
     def forward(self, logits, labels):
         expect_ndim("cross_entropy", "logits", logits, 2, "N, classes")
@@ -45,17 +46,31 @@ class CrossEntropy(Function):
         loss = -log_p[rows, labels].mean()
         if self.poison is not None:
             loss = loss + self.poison
-        self.save_for_backward(xp.exp(log_p), labels)
+        self.save_for_backward(logits, labels)   # the probabilities are recomputed in backward
         return xp.asarray(loss, dtype=logits.dtype)
 
     def backward(self, gy):
-        probs, labels = self.saved
-        xp = backend.get_array_module(probs)
-        n = probs.shape[0]
-        g = probs.copy()
+        logits, labels = self.saved
+        xp = backend.get_array_module(logits)
+        n = logits.shape[0]
+        g = xp.exp(log_softmax_array(logits))        # the softmax probabilities
         g[xp.arange(n), labels] -= 1
         scale = gy / n if self.poison is None else gy / n + self.poison
         return g * scale, None
+
+    differentiable = True
+
+    def differentiable_backward(self, gy):
+        """(softmax(logits) - onehot(labels)) * gy / N, with ops on the logits."""
+        logits, labels = self.saved_tensors()
+        xp = backend.get_array_module(logits.data)
+        n, k = logits.shape
+        shift = Tensor(logits.data.max(axis=1, keepdims=True))   # any constant shift: no overflow
+        e = exp(logits - shift)
+        probs = e / e.sum(axis=1, keepdims=True)
+        onehot = Tensor((labels.data[:, None] == xp.arange(k)).astype(logits.dtype))
+        scale = gy / n if self.poison is None else gy / n + Tensor(self.poison)
+        return (probs - onehot) * scale, None
 
 
 def cross_entropy(logits, labels):

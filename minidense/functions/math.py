@@ -289,6 +289,25 @@ class Max(Function):
         return share * _with_reduced_axes(gy, self.axes, mask.shape)
 
 
+class Step(Function):
+    """(x > 0) as x's dtype: the ReLU's mask.  Its derivative is zero (almost
+    everywhere), but the mask stays a function of x in the graph, as PyTorch's
+    threshold_backward keeps it: a gradient with respect to a tensor that only the mask
+    depends on is zero rather than missing."""
+
+    differentiable = True
+
+    def forward(self, x):
+        self.shape = x.shape
+        return (x > 0).astype(x.dtype)
+
+    def backward(self, gy):
+        return backend.get_array_module(gy).zeros(self.shape, dtype=gy.dtype)
+
+    def differentiable_backward(self, gy):
+        return gy * 0.0
+
+
 def _with_reduced_axes(gy, axes, shape):
     """A reduction's gradient with its reduced axes put back as size 1 (a Reshape)."""
     kept = tuple(1 if i in axes else n for i, n in enumerate(shape))

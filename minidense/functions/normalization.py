@@ -16,6 +16,7 @@ from ..autograd import Function, Tensor
 from ..fast_paths import fast_paths_enabled
 from ..recompute import is_recomputing
 from . import cpu_pieces
+from .math import Step
 
 
 class BatchNorm(Function):
@@ -144,9 +145,8 @@ class BatchNorm(Function):
             centred, inv_std = x - mean.reshape(shape), inv_std.reshape(shape)
         x_hat = centred * inv_std
         gamma = gamma.reshape(shape)
-        if self.relu:   # the ReLU's mask: a constant (piecewise linear)
-            before_relu = (gamma * x_hat + beta[0].reshape(shape)).data
-            gy = gy * Tensor((before_relu > 0).astype(gy.dtype))
+        if self.relu:   # the ReLU's mask (its derivative is zero)
+            gy = gy * Step()(gamma * x_hat + beta[0].reshape(shape))
         gbeta, ggamma = gy.sum(axis=axes), (gy * x_hat).sum(axis=axes)
         if not self.training:
             return gamma * inv_std * gy, ggamma, gbeta
