@@ -32,13 +32,10 @@ minidense never reads them; ``PTH_TO_SAFETENSORS`` is the conversion to run wher
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -46,6 +43,7 @@ import numpy as np
 
 from . import backend
 from .autograd import Tensor
+from .files import atomic_write   # md.io.atomic_write: its home is minidense/files.py
 
 MANIFEST = "__minidense_manifest__"
 FORMAT = "minidense.save"
@@ -69,31 +67,6 @@ PTH_TO_SAFETENSORS = """\
 import torch, safetensors.torch
 state = torch.load("densenet121.pth", map_location="cpu", weights_only=True)
 safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, "densenet121.safetensors")"""
-
-# The process's file-creation mask, read once, so that saved files get the usual
-# permissions rather than mkstemp's private 0600.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode="wb"):
-    """A file object for ``path``: written to a temporary file in the same folder,
-    which replaces ``path`` in one step when the block succeeds and is removed when it
-    fails (``path`` is then left as it was)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 # ---------------------------------------------------------------------------
 # Saving

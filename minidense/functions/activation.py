@@ -1,7 +1,6 @@
 """Activation functions."""
 from __future__ import annotations
 
-import numpy as np
 
 from .. import backend
 from ..autograd import Function
