@@ -172,6 +172,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch % 2:
         parser.error("--batch must be even (it is split over 2 ranks)")
+    # Every process (parent, ranks, both frameworks' workers) runs as minidense's commands
+    # do (minidense/process.py): OpenBLAS's short spin, inherited by the workers from the
+    # parent (which may start again to get it), and malloc keeping freed memory.
+    from minidense import process
+    process.start_command()
     if args.worker == "minidense":
         return minidense_worker(args.models, args.batch, args.steps, args.out)
     if args.worker == "torch":

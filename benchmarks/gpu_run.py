@@ -398,6 +398,9 @@ def main(argv=None):
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stage:
+        if args.stage == "train":   # trains as minidense's training command does
+            from minidense import process
+            process.start_command()
         {"tests": stage_tests, "train_step": stage_train_step, "train": stage_train,
          "memory": stage_memory, "nccl": stage_nccl}[args.stage](args)
         return 0

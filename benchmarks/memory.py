@@ -109,6 +109,11 @@ def torch_checkpointed(twin, torch):
 def child(config):
     sys.path.insert(0, str(REPO_ROOT))
     sys.path.insert(0, str(BENCHMARKS_DIR))
+    if config["framework"] == "minidense":
+        # As minidense's commands run (minidense/process.py): OpenBLAS's short spin (the
+        # child starts again to get it) and malloc keeping freed memory.
+        from minidense import process
+        process.start_command()
     import numpy as np
     framework, device, batch = config["framework"], config["device"], config["batch_size"]
     if device == "cpu" and config.get("limit_gib"):

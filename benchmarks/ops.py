@@ -316,7 +316,7 @@ def print_table(results, has_torch):
 def write_json_atomically(path, payload):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with md.io.atomic_write(path, "w") as f:
+    with md.files.atomic_write(path, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
 
@@ -353,6 +353,9 @@ def main(argv=None):
                         help="minidense's conv2d algorithm (default: the device's, "
                              "md.functions.connection.default_conv_algorithm)")
     args = parser.parse_args(argv)
+    # Both frameworks in this process, run as minidense's commands run (minidense/process.py):
+    # OpenBLAS's short spin (the process may start again to get it), malloc keeping freed memory.
+    md.process.start_command()
     repeats = args.repeats or (5 if args.quick else 15)
     warmup = 1 if args.quick else 2
     md.backend.check_device(args.device)

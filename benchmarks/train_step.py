@@ -59,6 +59,7 @@ from ops import (RESULTS_DIR, blas_description, finish_run, machine_description,
                  torch, write_json_atomically)
 
 import minidense as md  # noqa: E402  (ops put the repository on the path)
+from minidense import process  # noqa: E402
 
 if torch is not None:
     import torch_twins
@@ -289,13 +290,11 @@ def worker(framework, name, batch_size, steps, warmup, threads, out, clock="wall
 
 
 def worker_environment(clock):
-    """The environment of a worker process, set before NumPy starts in it.  OpenBLAS's
-    threads spin for the shortest time, as in ``python -m minidense.train`` (minidense,
-    imported before NumPy, asks for it; the worker imports NumPy first); it changes
-    nothing for PyTorch, whose CPU kernels are its own.  ``clock == "cpu"``: one thread
-    for BLAS, OpenMP (PyTorch) and minidense's pool."""
-    env = dict(os.environ)
-    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    """The environment of a worker process, set before NumPy starts in it: OpenBLAS's
+    short spin, as ``python -m minidense.train`` runs (``process.command_environment``;
+    it changes nothing for PyTorch, whose CPU kernels are its own).  ``clock == "cpu"``:
+    one thread for BLAS, OpenMP (PyTorch) and minidense's pool."""
+    env = process.command_environment()
     if clock == "cpu":
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    MINIDENSE_NUM_THREADS="1")
@@ -408,6 +407,11 @@ def main(argv=None):
     parser.add_argument("--worker", choices=("minidense", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # Every process of the benchmark, for both frameworks alike, runs as minidense's
+    # commands do (minidense/process.py): OpenBLAS's short spin (this process may start
+    # again to get it; a worker has it from worker_environment) and malloc keeping freed
+    # memory, which PyTorch's CPU tensors share.
+    process.start_command()
     if args.worker:   # one process of --separate-processes
         worker(args.worker, args.models, int(args.batch_sizes), args.steps, args.warmup,
                args.threads, args.json, args.clock)
@@ -454,6 +458,7 @@ def main(argv=None):
         settings["clock"] = "process CPU time, 1 thread" if args.clock == "cpu" else "wall"
         settings["minidense_threads"] = 1 if args.clock == "cpu" else md.get_num_threads()
         settings["OPENBLAS_THREAD_TIMEOUT"] = worker_environment(args.clock)["OPENBLAS_THREAD_TIMEOUT"]
+        settings["malloc_keeps_freed_memory"] = md.workspace.freed_memory_kept
     print(f"minidense on {'NumPy' if args.device == 'cpu' else 'CuPy'} vs "
           + (f"PyTorch {torch.__version__} on {args.device}" if use_torch
              else "no PyTorch (not importable)" if torch is None else f"no PyTorch (this torch has no {args.device})"))

@@ -121,7 +121,7 @@ def draws_on(model):
 
 
 def save_figure(figure, path):
-    with md.io.atomic_write(path) as f:  # never a half-written picture under the real name
+    with md.files.atomic_write(path) as f:  # never a half-written picture under the real name
         figure.savefig(f, format="png", dpi=80)
     print(f"wrote {path}")
 

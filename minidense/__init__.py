@@ -5,16 +5,6 @@
     (x * x).sum().backward()
     x.grad  # tensor([[2., 4.]])
 """
-import os as _os
-import sys as _sys
-
-# OpenBLAS's threads spin on their cores for up to about 0.1 s after each matrix product,
-# taking the cores that minidense's own threads (threads.py) need for the element-wise
-# passes in between.  The shortest spin is asked for here, before NumPy loads OpenBLAS
-# (later it has no effect), unless the user has chosen a value.
-if "numpy" not in _sys.modules:
-    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-
 from . import backend
 from . import autograd
 from .autograd import (Function, Tensor, as_tensor, enable_grad, grad, is_grad_enabled, no_grad,
@@ -39,8 +29,10 @@ from . import data, optim
 from .summary import summary
 from .viz import render_dot, to_dot
 from .io import load, save
+from . import files
 from .profiling import Profiler, profiler
 from . import workspace
+from .process import tune_process
 from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"

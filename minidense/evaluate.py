@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidense import data
+from minidense import data, process
 from minidense.training.recipes import SettingsError, build_model, choose_device
 from minidense.training.reporting import evaluate_model, write_atomic
 from minidense.training.trainer import read_checkpoint
@@ -122,8 +122,9 @@ def evaluate_checkpoint(path, source=None, device="auto", batch_size=256, subset
     return accuracy, loss, confusion, classes
 
 
-def main(argv=None) -> int:
-    """Exit statuses: 0 done, 2 a bad option, an unusable checkpoint or unusable data."""
+def main(argv=None, program=False) -> int:
+    """Exit statuses: 0 done, 2 a bad option, an unusable checkpoint or unusable data.
+    ``program``: this process is the command itself, as in ``minidense.train.main``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -131,6 +132,8 @@ def main(argv=None) -> int:
             value = getattr(args, option)
             if value is not None and value < 1:
                 raise SettingsError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+        if program:
+            process.start_command()
         accuracy, loss, confusion, classes = evaluate_checkpoint(
             args.checkpoint, args.data, args.device, args.batch_size, args.subset or 0)
     except (SettingsError, data.DataError) as error:
@@ -146,5 +149,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def command():
+    """``minidense-evaluate`` and ``python -m minidense.evaluate``."""
+    sys.exit(main(program=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from . import autograd, backend
+from .files import atomic_write
 
 # The recording profiler, or None: the one global that ``region`` (the optimizer, the
 # trainer) reads.  While it records, the profiler is also ``autograd.observer``, the
@@ -157,7 +158,6 @@ class Profiler:
     def export_chrome_trace(self, path) -> Path:
         """Write ``chrome_trace()`` as JSON to ``path`` (atomically: a temporary file,
         then a rename)."""
-        from .io import atomic_write   # here: io imports autograd, which imports this module
         path = Path(path)
         with atomic_write(path) as f:
             f.write(json.dumps(self.chrome_trace()).encode())

@@ -26,11 +26,9 @@ CuPy arrays (``like``), ``map_split`` makes one call for the whole range on the 
 thread: the GPU has its own parallelism (batch norm and the ReLU never send CuPy work
 here).
 
-OpenBLAS's own threads keep spinning on their cores for a while after each matrix
-product, waiting for the next one; on a machine with few cores they would take the
-cores these threads need.  ``minidense/__init__.py`` therefore sets
-``OPENBLAS_THREAD_TIMEOUT`` (how long they spin) to its minimum when minidense is
-imported before NumPy and the variable is not set already.
+OpenBLAS's own threads spin on their cores after each matrix product and can take the
+cores these threads need; the commands ask for a short spin (``minidense/process.py``
+explains it).
 """
 from __future__ import annotations
 

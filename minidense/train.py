@@ -23,7 +23,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from minidense import data, distributed, models
+from minidense import data, distributed, models, process
 from minidense.training.recipes import (DEFAULTS, RECIPES, SettingsError, check_model,
                                         choose_device, run_epochs)
 from minidense.training.trainer import Diverged, read_checkpoint, train
@@ -234,11 +234,16 @@ def resume_settings(saved: dict, given: dict, checkpoint_path: Path) -> dict:
 # ---------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------
-def main(argv=None) -> int:
+def main(argv=None, program=False) -> int:
     """Exit statuses: 0 done, 1 a data error, 2 a bad option or an unusable checkpoint,
     3 a diverged run (nothing non-finite is saved), 130 Ctrl-C.  Under mpiexec, every
     option is checked before MPI starts, and rank 0 alone reports; a failure of one rank
-    after that aborts the whole job, so that no rank waits forever for another."""
+    after that aborts the whole job, so that no rank waits forever for another.
+
+    ``program``: this process is the command itself (``command``), so once the options
+    are checked it takes the command's process-wide settings (``process.start_command``:
+    it may re-execute the command).  Called in-process, as by the tests, it leaves the
+    process as it is."""
     parser = build_parser()
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
@@ -267,6 +272,8 @@ def main(argv=None) -> int:
         else:
             settings = resolve_args(args)
             check_settings(settings, given)
+        if program:
+            process.start_command()
         comm = distributed.init()
         result = train(settings, checkpoint, comm=comm)
     except distributed.DistributedError as error:
@@ -293,5 +300,10 @@ def main(argv=None) -> int:
     return EXIT_INTERRUPTED if result["status"] == "interrupted" else EXIT_OK
 
 
+def command():
+    """``minidense-train`` and ``python -m minidense.train``."""
+    sys.exit(main(program=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -13,7 +13,7 @@ from collections import deque
 from pathlib import Path
 
 from .autograd import Function, Tensor
-from .io import atomic_write
+from .files import atomic_write
 from .nn import Parameter
 
 

@@ -16,23 +16,14 @@ all.  Temporaries over ``KEEP_LIMIT`` bytes (a huge evaluation
 batch) are allocated afresh instead, so as not to hold that memory for good.  On
 CuPy the memory pool already recycles device memory: there ``get`` is ``xp.empty``.
 
-The same page-zeroing cost hits every array a training step makes (activations,
-gradients), step after step: glibc's malloc maps each large block fresh from the
-operating system and unmaps it when it is freed.  So, on Linux with glibc, importing
-minidense asks malloc to keep freed memory for reuse (``mallopt``: M_TRIM_THRESHOLD
-very high, M_MMAP_THRESHOLD at 32 MiB, the most glibc accepts; larger blocks are still
-mapped afresh).  A DenseNet-40 step on 2 cores took about 0.83x the time.  The
-process's resident memory then stays near its peak instead of shrinking between
-steps.  ``freed_memory_kept`` says whether it was done; ``MINIDENSE_KEEP_FREED_MEMORY=0``
-in the environment, or MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set by the
-user, leaves malloc alone.
+The same page-zeroing cost hits every array a training step makes; a program can ask
+glibc's malloc to keep freed memory for reuse with ``md.tune_process()``
+(``minidense/process.py`` explains it).  ``freed_memory_kept`` records whether that
+was done: False until then, as importing minidense leaves malloc alone.
 """
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-import sys
 import threading
 import weakref
 
@@ -44,25 +35,8 @@ KEEP_LIMIT = 256 * 2 ** 20   # bytes: larger temporaries are not kept between ca
 
 _buffers = threading.local()
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
-
-
-def _keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse (see the module's docstring);
-    True if it agreed."""
-    if (not sys.platform.startswith("linux") or os.environ.get("MINIDENSE_KEEP_FREED_MEMORY") == "0"
-            or "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt   # absent from other C libraries (musl)
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 30) and mallopt(_M_MMAP_THRESHOLD, 32 * 2 ** 20))
-
-
-# Global state of the process's allocator, set once at import.
-freed_memory_kept = _keep_freed_memory()
+# Whether glibc's malloc keeps freed memory: set by process.tune_process() alone.
+freed_memory_kept = False
 
 
 def get(name: str, shape, dtype, like):

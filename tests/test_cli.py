@@ -22,7 +22,11 @@ TINY = ["--data", "digits", "--model", "densenet_cifar",
 
 def run(args, cwd, module="minidense.train", harness=None, timeout=180):
     """Run a command of the checkout in a fresh process; return (status, stdout, stderr)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MINIDENSE_DATA=str(cwd / "cache"))
+    # OPENBLAS_THREAD_TIMEOUT set, as by a user who chose it: the commands then start once,
+    # not twice (tests/test_process.py checks the re-execution, test_distributed.py runs it
+    # under mpiexec).
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MINIDENSE_DATA=str(cwd / "cache"),
+               OPENBLAS_THREAD_TIMEOUT="4")
     env.pop("MINIDENSE_CIFAR10", None)
     command = [sys.executable] + ([str(HARNESS), harness] if harness else ["-m", module])
     done = subprocess.run(command + [str(a) for a in args], cwd=cwd, env=env,

@@ -1,10 +1,6 @@
 """Every conv2d algorithm (md.CONV_ALGORITHMS) against the naive loops of
 minidense.testing, on hypothesis-drawn geometries, in float64 and float32; choosing an
-algorithm with md.conv_algorithm; and the workspace (and the freed memory malloc keeps)."""
-import ctypes
-import os
-import subprocess
-import sys
+algorithm with md.conv_algorithm; and the workspace."""
 
 import numpy as np
 import pytest
@@ -145,22 +141,3 @@ def test_workspace_is_reused_counted_and_freed():
     assert np.shares_memory(a, b)          # one live array per name
     md.workspace.free()
     assert md.workspace.nbytes() == 0
-
-
-def _freed_memory_kept(**env):
-    code = "import minidense as md; print(md.workspace.freed_memory_kept)"
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in ("MINIDENSE_KEEP_FREED_MEMORY", "MALLOC_MMAP_THRESHOLD_",
-                                "MALLOC_TRIM_THRESHOLD_")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(environment, **env), check=True)
-    return done.stdout.strip()
-
-
-def test_malloc_keeps_freed_memory_on_glibc_unless_the_user_says_otherwise():
-    """On Linux with glibc, importing minidense makes malloc keep freed memory (no fresh,
-    zeroed pages for every step's arrays); the environment can say no."""
-    glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallopt")
-    assert _freed_memory_kept() == str(glibc)
-    assert _freed_memory_kept(MINIDENSE_KEEP_FREED_MEMORY="0") == "False"
-    assert _freed_memory_kept(MALLOC_TRIM_THRESHOLD_="131072") == "False"   # the user's choice

@@ -171,11 +171,11 @@ def damaged_files(tmp_path):
     return files
 
 
-def test_damaged_or_foreign_files_give_a_value_error_naming_the_path(tmp_path):
+def test_damaged_or_foreign_files_give_a_corrupt_file_error_naming_the_path(tmp_path):
     for label, content in damaged_files(tmp_path).items():
         path = tmp_path / f"{label}.npz"
         path.write_bytes(content)
-        with pytest.raises(ValueError, match=f"load: {path}") as error:
+        with pytest.raises(md.io.CorruptFileError, match=f"load: {path}") as error:
             md.load(path)
         assert error.value.__cause__ is None and error.value.__suppress_context__, label
 
@@ -186,7 +186,7 @@ def test_npy_zip_and_pickled_object_arrays_are_refused(tmp_path):
         archive.writestr("readme.txt", "hello")
     np.savez(tmp_path / "objects.npz", o=np.array([{"a": 1}], dtype=object))
     for name in ("single.npy", "other.zip", "objects.npz"):
-        with pytest.raises(ValueError, match=f"load: {tmp_path / name} is not a readable"):
+        with pytest.raises(md.io.CorruptFileError, match=f"load: {tmp_path / name} is not a readable"):
             md.load(tmp_path / name)
 
 
@@ -277,7 +277,7 @@ def test_safetensors_refuses_nested_state_and_non_arrays_and_leaves_no_file(tmp_
     assert leftovers(tmp_path, {"o.safetensors"}) == []
 
 
-def test_damaged_or_foreign_safetensors_files_give_a_value_error_naming_the_path(tmp_path):
+def test_damaged_or_foreign_safetensors_files_give_a_corrupt_file_error_naming_the_path(tmp_path):
     pytest.importorskip("safetensors")
     md.save(trained_model(0).state_dict(), tmp_path / "good.safetensors")
     good = (tmp_path / "good.safetensors").read_bytes()
@@ -295,7 +295,7 @@ def test_damaged_or_foreign_safetensors_files_give_a_value_error_naming_the_path
     for label, content in files.items():
         path = tmp_path / f"{label}.safetensors"
         path.write_bytes(content)
-        with pytest.raises(ValueError, match=f"load: {path} is not a readable .safetensors") as error:
+        with pytest.raises(md.io.CorruptFileError, match=f"load: {path} is not a readable .safetensors") as error:
             md.load(path)
         assert error.value.__cause__ is None and error.value.__suppress_context__, label
 

@@ -2,7 +2,6 @@
 the CUDA kernels that do them on CuPy)."""
 from __future__ import annotations
 
-import numpy as np
 
 from .. import backend
 

@@ -1,8 +1,6 @@
 """Activation functions."""
 from __future__ import annotations
 
-import numpy as np
-
 from .. import backend
 from ..autograd import Function
 from ..fast_paths import fast_paths_enabled

@@ -120,7 +120,7 @@ class EpochProgress:
             self.bar.close()
 
 def write_atomic(path: Path, content: bytes) -> None:
-    with md.io.atomic_write(path) as f:
+    with md.files.atomic_write(path) as f:
         f.write(content)
 
 
