@@ -215,3 +215,23 @@ def test_recompute_refuses_create_graph_clearly():
     y = md.recompute(layer, x)
     with pytest.raises(RuntimeError, match="md.recompute .* supports only loss.backward\\(\\) without create_graph"):
         md.grad(y.sum(), [x], create_graph=True)
+
+
+def test_create_graph_on_the_fake_device(monkeypatch):
+    """The CuPy path runs the same code: a gradient penalty's weight gradient on the fake
+    GPU (kernels emulated, arrays refusing to mix with host arrays) equals the CPU's."""
+    from fake_device import fake_cuda
+    rng = np.random.default_rng(0)
+    arrays_ = [rng.normal(size=(2, 2, 5, 5)), rng.normal(size=(3, 2, 3, 3)), rng.uniform(0.5, 1.5, 3),
+               rng.normal(size=3) * 0.1]
+
+    def penalty_gradients(device):
+        x, w, g, b = (md.tensor(a, device=device, requires_grad=True) for a in arrays_)
+        h = md.max_pool2d(md.batch_norm_relu(md.conv2d(x, w, padding=1), g, b), 2)
+        (gx,) = md.grad((md.global_avg_pool2d(h) ** 2).sum(), [x], create_graph=True)
+        return [t.numpy() for t in md.grad((gx * gx).sum(), [w, g, b])]
+
+    on_cpu = penalty_gradients("cpu")
+    fake_cuda(monkeypatch)
+    for a, b in zip(penalty_gradients("cuda"), on_cpu):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -154,10 +154,10 @@ class MaxPool2d(_Pool2d):
         kh, kw = self.kernel
         if self.tiles:
             windows = self._tiled(g).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, kh * kw)
-            return xp.take_along_axis(windows, index[..., None].astype(xp.int64), axis=4)[..., 0]
+            return xp.take_along_axis(windows, index[..., None].astype(np.int64), axis=4)[..., 0]
         windows = im2col(g, self.kernel, self.stride, self.padding, writable=False)
         windows = windows.reshape(n, c, kh * kw, oh, ow)
-        return xp.take_along_axis(windows, index[:, :, None].astype(xp.int64), axis=2)[:, :, 0]
+        return xp.take_along_axis(windows, index[:, :, None].astype(np.int64), axis=2)[:, :, 0]
 
 
 class _PoolGrad(Function):
