@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 from .. import backend
-from ..autograd import Tensor, _check_same_device
+from ..autograd import Tensor
+from . import tensor_methods
 from .activation import relu, sigmoid, tanh
-from .array import concat, flatten, getitem, reshape, to_device_and_dtype, transpose
+from .array import (cat, chunk, clone, concat, concatenate, flatten, getitem, pad, permute, reshape,
+                    split, squeeze, stack, to_device_and_dtype, transpose, unflatten, unsqueeze)
 from .connection import CONV_ALGORITHMS, conv2d, conv_algorithm, linear
-from .loss import cross_entropy, log_softmax_array
-from .math import add, div, exp, log, matmul, max, mean, mul, neg, pow, sqrt, sub, sum
+from .loss import cross_entropy, mse_loss, nll_loss
+from .math import (abs, add, amax, amin, argmax, argmin, clamp, clip, div, exp, log, matmul, max,
+                   mean, min, mul, neg, norm, pow, sqrt, sub, sum)
+from .softmax import log_softmax, log_softmax_array, softmax
 from .noise import dropout
 from .normalization import batch_norm, batch_norm_relu
-from .pooling import avg_pool2d, global_avg_pool2d, max_pool2d
+from .pooling import adaptive_avg_pool2d, avg_pool2d, global_avg_pool2d, max_pool2d
 
 
 def _reflected(fn):
@@ -18,23 +22,7 @@ def _reflected(fn):
     return lambda self, other: fn(other, self)
 
 
-def _compare(op):
-    def method(self, other):
-        if isinstance(other, Tensor):
-            _check_same_device(op.__name__, [self, other])
-            other = other.data
-        elif backend.is_array(other):  # a NumPy array against a CUDA tensor: CuPy won't mix them
-            other = backend.to_device(other, self.device)
-        return Tensor(op(self.data, other))
-    return method
-
-
-def _argmax(self, axis=None):
-    return Tensor(self.data.argmax(axis=axis))
-
-
 def _install_tensor_methods():
-    import operator
     T = Tensor
     T.__add__, T.__radd__ = add, _reflected(add)
     T.__sub__, T.__rsub__ = sub, _reflected(sub)
@@ -44,23 +32,20 @@ def _install_tensor_methods():
     T.__pow__ = pow
     T.__rpow__ = _reflected(pow)
     T.__neg__ = neg
+    T.__abs__ = abs
     T.__getitem__ = getitem
-    for name, op in (("__eq__", operator.eq), ("__ne__", operator.ne), ("__lt__", operator.lt),
-                     ("__le__", operator.le), ("__gt__", operator.gt), ("__ge__", operator.ge)):
-        setattr(T, name, _compare(op))
-    T.__hash__ = object.__hash__
-    T.sum, T.mean, T.max = sum, mean, max
-    T.exp, T.log, T.sqrt, T.relu = exp, log, sqrt, relu
-    T.reshape, T.transpose, T.flatten = reshape, transpose, flatten
-    T.T = property(lambda self: transpose(self))
-    T.argmax = _argmax
+    tensor_methods.install(T)   # view, size-aware reductions, comparisons, ...
 
 
 _install_tensor_methods()
 
 __all__ = [
-    "relu", "sigmoid", "tanh", "concat", "flatten", "getitem", "reshape", "transpose",
-    "to_device_and_dtype", "conv2d", "linear", "cross_entropy", "log_softmax_array", "add", "div",
-    "exp", "log", "matmul", "max", "mean", "mul", "neg", "pow", "sqrt", "sub", "sum", "dropout",
-    "batch_norm", "batch_norm_relu", "avg_pool2d", "global_avg_pool2d", "max_pool2d", "backend",
+    "relu", "sigmoid", "tanh", "cat", "chunk", "clone", "concat", "concatenate", "flatten",
+    "getitem", "pad", "permute", "reshape", "split", "squeeze", "stack", "transpose", "unflatten",
+    "unsqueeze", "to_device_and_dtype", "conv2d", "linear", "cross_entropy", "mse_loss",
+    "nll_loss", "log_softmax", "log_softmax_array", "softmax", "abs", "add", "amax", "amin",
+    "argmax", "argmin", "clamp", "clip", "div", "exp", "log", "matmul", "max", "mean", "min",
+    "mul", "neg", "norm", "pow", "sqrt", "sub", "sum", "dropout", "batch_norm",
+    "batch_norm_relu", "adaptive_avg_pool2d", "avg_pool2d", "global_avg_pool2d", "max_pool2d",
+    "backend", "CONV_ALGORITHMS", "conv_algorithm",
 ]

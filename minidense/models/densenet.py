@@ -39,6 +39,7 @@ from collections import OrderedDict
 from .. import backend, nn
 from ..functions.array import Concat
 from ..recompute import recompute
+from .initialization import classifier_linear, he_normal_conv2d
 from .network import StagedNetwork, imagenet_stem
 
 
@@ -48,8 +49,8 @@ def composite(in_channels, out_channels, kernel_size, drop_rate, index=""):
     ReLU are one fused op (``norm``; no ``relu`` module); the state dict is unchanged."""
     layers = [
         (f"norm{index}", nn.BatchNormReLU2d(in_channels)),
-        (f"conv{index}", nn.Conv2d(in_channels, out_channels, kernel_size,
-                                   padding=kernel_size // 2, bias=False)),
+        (f"conv{index}", he_normal_conv2d(in_channels, out_channels, kernel_size,
+                                          padding=kernel_size // 2, bias=False)),
     ]
     if drop_rate > 0:
         layers.append((f"dropout{index}", nn.Dropout(drop_rate)))
@@ -171,7 +172,7 @@ class DenseNet(StagedNetwork):
         if not 0 < compression <= 1:
             raise ValueError(f"DenseNet: compression (theta) must be in (0, 1], got {compression}")
         if stem == "cifar":
-            self.stem = nn.Conv2d(3, stem_channels, 3, padding=1, bias=False)
+            self.stem = he_normal_conv2d(3, stem_channels, 3, padding=1, bias=False)
         elif stem == "imagenet":
             self.stem = imagenet_stem(stem_channels)
         else:
@@ -192,7 +193,7 @@ class DenseNet(StagedNetwork):
             ("norm", nn.BatchNorm2d(channels)),
             ("relu", nn.ReLU()),
             ("pool", nn.GlobalAvgPool2d()),
-            ("fc", nn.Linear(channels, num_classes)),
+            ("fc", classifier_linear(channels, num_classes)),
         ]))
         self.num_features = channels
 

@@ -22,14 +22,15 @@ from collections import OrderedDict
 from .. import backend, nn
 from ..autograd import Tensor
 from ..functions import concat
+from .initialization import classifier_linear, he_normal_conv2d
 from .network import StagedNetwork, imagenet_stem
 
 
 def conv_bn(in_channels, out_channels, kernel_size, stride=1, relu=False):
     """A convolution (no bias: the BN shifts) and its batch normalisation, as two modules;
     ``relu``: the BN and the ReLU after it as one fused op (same state-dict keys)."""
-    return (nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                      padding=kernel_size // 2, bias=False),
+    return (he_normal_conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                             padding=kernel_size // 2, bias=False),
             (nn.BatchNormReLU2d if relu else nn.BatchNorm2d)(out_channels))
 
 
@@ -144,7 +145,7 @@ class ResNet(StagedNetwork):
             self.add_module(f"stage{s}", nn.Sequential(blocks))
         self.classifier = nn.Sequential(OrderedDict([
             ("pool", nn.GlobalAvgPool2d()),
-            ("fc", nn.Linear(channels, num_classes)),
+            ("fc", classifier_linear(channels, num_classes)),
         ]))
         self.num_features = channels
 
