@@ -198,7 +198,9 @@ class MPICommunicator(Communicator):
 
 
 def _contiguous(array):
-    return backend.get_array_module(array).ascontiguousarray(array)
+    # asarray(order="C"), not ascontiguousarray, which turns a 0-d array (BatchNorm's
+    # num_batches_tracked) into shape (1,)
+    return backend.get_array_module(array).asarray(array, order="C")
 
 
 _world = None

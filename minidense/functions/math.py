@@ -229,7 +229,7 @@ class MaxAlong(Function):
         self.save_for_backward(index)
         if not self.keepdim:
             values, index = values.squeeze(self.axis), index.squeeze(self.axis)
-        return values, index.astype(xp.int64, copy=False)
+        return values, index.astype(np.int64, copy=False)
 
     def backward(self, gy, _):
         (index,) = self.saved
@@ -468,7 +468,7 @@ def _arg(op, input, dim, keepdim, axis, keepdims):
     (axis,) = _normalise_axis(dim, x.ndim, op)
     index = getattr(x, op)(axis=axis)
     xp = backend.get_array_module(x)
-    return Tensor((xp.expand_dims(index, axis) if keepdim else index).astype(xp.int64))
+    return Tensor((xp.expand_dims(index, axis) if keepdim else index).astype(np.int64))
 
 
 def argmax(input, dim=None, keepdim=False, *, axis=None, keepdims=None):

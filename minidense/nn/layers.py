@@ -13,6 +13,7 @@ from ..functions import (adaptive_avg_pool2d, avg_pool2d, batch_norm, batch_norm
                          cross_entropy, dropout, flatten, global_avg_pool2d, linear, log_softmax,
                          max_pool2d, mse_loss, relu, sigmoid, softmax, tanh)
 from ..functions._utils import pair
+from ..recompute import is_recomputing
 from . import init
 from .module import Module, Parameter
 from .utils import initialising
@@ -116,7 +117,9 @@ class BatchNorm2d(Module):
         in training mode the batch is counted, and with momentum=None the update weight
         is 1 / (batches seen)."""
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
+        # md.recompute runs this forward a second time in backward: count once (the op
+        # likewise updates the running statistics once).
+        if self.training and self.track_running_stats and not is_recomputing():
             self.num_batches_tracked.data += 1
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked.data)
