@@ -24,7 +24,7 @@ def tensor(data, *, dtype=None, device=None, requires_grad=False):
     return _tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
 
 
-def as_tensor(data, dtype=None, device=None):
+def as_tensor(data, *, dtype=None, device=None):
     """``data`` as a tensor, sharing its memory where it can (an array of the same dtype
     on the same device, or a tensor)."""
     if isinstance(data, Tensor):

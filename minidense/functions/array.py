@@ -293,7 +293,12 @@ def cat(tensors, dim=0, *, axis=None):
     return Concat(dim)(*tensors)
 
 
-concat = concatenate = cat
+concat = cat
+
+
+def concatenate(tensors, axis=0):
+    """``cat`` under NumPy's name and argument name, as PyTorch has it."""
+    return cat(tensors, axis)
 
 
 def stack(tensors, dim=0):

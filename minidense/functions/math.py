@@ -448,13 +448,14 @@ def min(input, dim=None, keepdim=False, *, axis=None, keepdims=None):
     return _extremum("min", Min, MinAlong, MinResult, input, dim, keepdim, axis, keepdims)
 
 
-def amax(input, dim=(), keepdim=False, *, axis=None, keepdims=None):
-    """The maximum over one or several dims (``()``: every dim); ties share the gradient."""
+def amax(input, dim=None, keepdim=False, *, axis=None, keepdims=None):
+    """The maximum over one or several dims (None or ``()``: every dim); ties share the
+    gradient."""
     dim, keepdim = _dims("amax", dim, keepdim, axis, keepdims)
     return Max(None if dim == () else dim, keepdim)(input)
 
 
-def amin(input, dim=(), keepdim=False, *, axis=None, keepdims=None):
+def amin(input, dim=None, keepdim=False, *, axis=None, keepdims=None):
     dim, keepdim = _dims("amin", dim, keepdim, axis, keepdims)
     return Min(None if dim == () else dim, keepdim)(input)
 

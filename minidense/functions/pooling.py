@@ -135,7 +135,7 @@ class GlobalAvgPool2d(Function):
 def _unsupported(op, **settings):
     """A clear error for a PyTorch pooling argument that is not at its default."""
     defaults = {"ceil_mode": False, "count_include_pad": True, "divisor_override": None,
-                "dilation": 1, "return_indices": False}
+                "dilation": 1}
     for name, value in settings.items():
         if value != defaults[name] and not (name == "dilation" and pair(value, name) == (1, 1)):
             raise NotImplementedError(f"{op}: {name}={value!r} is not supported by minidense "
@@ -150,10 +150,9 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     return AvgPool2d(kernel_size, stride, padding)(input)
 
 
-def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False):
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """The maximum over each window; padding is -inf."""
-    _unsupported("max_pool2d", dilation=dilation, ceil_mode=ceil_mode, return_indices=return_indices)
+    _unsupported("max_pool2d", dilation=dilation, ceil_mode=ceil_mode)
     return MaxPool2d(kernel_size, stride, padding)(input)
 
 

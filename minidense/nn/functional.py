@@ -10,7 +10,8 @@ from __future__ import annotations
 from .. import backend
 from ..autograd import Tensor, as_tensor
 from ..functions import (adaptive_avg_pool2d, avg_pool2d, conv2d, cross_entropy, linear,
-                         log_softmax, max_pool2d, mse_loss, nll_loss, pad, sigmoid, softmax, tanh)
+                         log_softmax, mse_loss, nll_loss, pad, sigmoid, softmax, tanh)
+from ..functions import max_pool2d as _max_pool2d
 from ..functions import batch_norm as _batch_norm
 from ..functions import dropout as _dropout
 from ..functions import relu as _relu
@@ -22,6 +23,13 @@ def relu(input, inplace=False):
 
 def dropout(input, p=0.5, training=True, inplace=False):
     return _dropout(input, p, training)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    if return_indices:
+        raise NotImplementedError("max_pool2d: return_indices=True is not supported by minidense")
+    return _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,

@@ -87,7 +87,7 @@ class Module:
         self.__setattr__(name, module)
 
     # -- calling -----------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    def forward(self, *input):
         raise NotImplementedError(f"{type(self).__name__} has no forward()")
 
     def __call__(self, *args, **kwargs):

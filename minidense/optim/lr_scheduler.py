@@ -57,9 +57,9 @@ class LRScheduler:
         return {"last_epoch": int(self.last_epoch),
                 "base_lrs": np.asarray(self.base_lrs, dtype=np.float64)}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.last_epoch = int(state["last_epoch"])
-        self.base_lrs = [float(v) for v in np.asarray(state["base_lrs"])]
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_epoch = int(state_dict["last_epoch"])
+        self.base_lrs = [float(v) for v in np.asarray(state_dict["base_lrs"])]
         self._apply()
 
 
@@ -173,8 +173,8 @@ class SequentialLR(LRScheduler):
         self.schedulers, self.milestones = list(schedulers), [int(m) for m in milestones]
         super().__init__(optimizer, last_epoch)
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
         for scheduler in self.schedulers:  # the rates come from the inner schedules
             scheduler.base_lrs = list(self.base_lrs)
 
