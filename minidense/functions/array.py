@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import Function, Tensor, as_tensor
+from ._utils import sum_to
 
 
 class Reshape(Function):
@@ -141,6 +142,25 @@ class Pad(Function):
 
     def backward(self, gy):
         return gy[tuple(slice(a, gy.shape[i] - b) for i, (a, b) in enumerate(self.widths))]
+
+
+class BroadcastTo(Function):
+    """The input repeated along size-1 (or new leading) dims up to ``shape``, as a
+    read-only view; backward sums the gradient back (``sum_to``)."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        self.input_shape = x.shape
+        try:
+            return backend.get_array_module(x).broadcast_to(x, self.shape)
+        except ValueError:
+            raise ValueError(f"expand: a tensor of shape {tuple(x.shape)} cannot be expanded to "
+                             f"{self.shape} (only size-1 dims grow)") from None
+
+    def backward(self, gy):
+        return sum_to(gy, self.input_shape)
 
 
 class Copy(Function):
@@ -354,6 +374,18 @@ def pad(input, pad, mode="constant", value=None):
     for i in range(len(pad) // 2):
         widths[x.ndim - 1 - i] = (pad[2 * i], pad[2 * i + 1])
     return Pad(tuple(widths), 0.0 if value is None else value)(x)
+
+
+def expand(input, *sizes):
+    """``input`` repeated, without a copy, along its size-1 dims up to ``sizes`` (-1 keeps
+    a dim's size), as PyTorch's ``Tensor.expand``."""
+    x = as_tensor(input)
+    sizes = as_tuple(sizes)
+    lead = len(sizes) - x.ndim
+    if lead < 0:
+        raise ValueError(f"expand: {len(sizes)} sizes for a tensor with {x.ndim} dims")
+    shape = tuple(x.shape[i - lead] if s == -1 and i >= lead else s for i, s in enumerate(sizes))
+    return BroadcastTo(shape)(x)
 
 
 def clone(input):

@@ -44,6 +44,10 @@ def reshape_as(self, other):
     return array.reshape(self, other.shape)
 
 
+def expand_as(self, other):
+    return array.expand(self, other.shape)
+
+
 def permute(self, *dims):
     return array.permute(self, array.as_tuple(dims))
 
@@ -76,6 +80,7 @@ def install(T_):
                                                           array.unflatten)
     T_.squeeze, T_.unsqueeze, T_.split, T_.chunk = array.squeeze, array.unsqueeze, split, array.chunk
     T_.clone, T_.contiguous = array.clone, array.contiguous
+    T_.expand, T_.expand_as = array.expand, expand_as
     T_.T = property(T)
     T_.sum, T_.mean = math.sum, math.mean
     T_.max, T_.min, T_.amax, T_.amin = math.max, math.min, math.amax, math.amin
