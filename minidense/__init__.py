@@ -25,8 +25,9 @@ from .functions import (
     mean, min, mul, neg, norm, permute, pow, relu, reshape, sigmoid, softmax, split, sqrt, squeeze,
     stack, sub, sum, tanh, transpose, unflatten, unsqueeze,
 )
-from .creation import (arange, as_tensor, empty, from_numpy, full, ones, ones_like, rand, randint,
-                       randn, tensor, zeros, zeros_like)
+from .creation import (arange, as_tensor, double, empty, float16, float32, float64, from_numpy, full,
+                       half, int32, int64, long, ones, ones_like, rand, randint, randn, tensor,
+                       uint8, zeros, zeros_like)
 from . import cuda
 from .gradcheck import GradcheckError, gradcheck
 from .recompute import checkpoint, recompute

@@ -127,6 +127,18 @@ def _is_float(dtype) -> bool:
     return np.dtype(dtype).kind == "f"
 
 
+def device_and_dtype(device, dtype):
+    """``to(device, dtype)``'s arguments, where ``to(np.float64)`` (PyTorch's
+    ``to(dtype)``) gives the dtype first: a dtype in the device's place moves over."""
+    if device is not None and dtype is None and not (
+            isinstance(device, str) and device.partition(":")[0] in backend.DEVICES):
+        try:
+            return None, np.dtype(device)
+        except TypeError:
+            pass
+    return device, dtype
+
+
 # ---------------------------------------------------------------------------
 # Tensor
 # ---------------------------------------------------------------------------
@@ -256,8 +268,10 @@ class Tensor:
         """A copy on ``device`` and/or in ``dtype`` (self when nothing changes).
 
         Gradients flow back through the move, so a model can be moved mid-graph.
+        ``x.to(np.float64)`` casts, as PyTorch's ``x.to(torch.float64)``.
         """
         from .functions.array import to_device_and_dtype
+        device, dtype = device_and_dtype(device, dtype)
         device = backend.check_device(device) if device is not None else self.device
         if device == self.device and (dtype is None or np.dtype(dtype) == self.dtype):
             return self

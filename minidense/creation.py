@@ -13,6 +13,12 @@ from .functions.array import as_tuple
 
 DEFAULT_DTYPE = "float32"
 
+# PyTorch's dtype names, as NumPy dtypes: ``x.to(md.float64)``, ``md.zeros(2, dtype=md.int64)``.
+float16, float32, float64 = np.float16, np.float32, np.float64
+half, double = float16, float64
+uint8, int32, int64 = np.uint8, np.int32, np.int64
+long = int64
+
 
 def _made(array, requires_grad):
     return Tensor(array, requires_grad=requires_grad)

@@ -192,6 +192,8 @@ def test_creation_functions_take_pytorchs_arguments():
             (md.ones_like(md.tensor([1, 2])), torch.ones_like(torch.tensor([1, 2])))):
         assert_same(ours, theirs)
         assert str(ours.dtype) == str(theirs.dtype).replace("torch.", "")
+    for dtype in ("float64", "int64", "float32"):
+        assert_same(md.ones(2, 3).to(getattr(md, dtype)), torch.ones(2, 3).to(getattr(torch, dtype)))
     x = md.randn(2, 3, requires_grad=True)
     assert x.shape == (2, 3) and x.dtype == np.float32 and x.requires_grad
     assert md.rand(4).numpy().min() >= 0 and md.randint(3, 10, (5,)).numpy().min() >= 3
@@ -248,12 +250,13 @@ FUNCTIONAL = {
 @pytest.mark.parametrize("name", sorted(FUNCTIONAL))
 def test_functional(name):
     fn = FUNCTIONAL[name]
-    m_tensor = types.SimpleNamespace(tensor=lambda a: md.tensor(np.asarray(a, dtype=None if np.asarray(a).dtype.kind == "i" else np.float64)),
-                                     zeros=md.zeros, ones=md.ones, float64=np.float64)
-    t_tensor = types.SimpleNamespace(tensor=lambda a: torch.tensor(np.asarray(a)), zeros=torch.zeros,
-                                     ones=torch.ones, float64=torch.float64)
-    compare_with_gradients(lambda lib, x: fn(m_tensor if lib is md else t_tensor,
-                                             F if lib is md else TF, x), IMAGES)
+    def library(lib):   # lists become float64 arrays, as the inputs are
+        def tensor(a):
+            a = np.asarray(a)
+            return lib.tensor(a.astype(np.float64) if a.dtype.kind == "f" else a)
+        return types.SimpleNamespace(tensor=tensor,
+                                     zeros=lib.zeros, ones=lib.ones, float64=lib.float64)
+    compare_with_gradients(lambda lib, x: fn(library(lib), F if lib is md else TF, x), IMAGES)
 
 
 def test_unsupported_arguments_raise_errors_that_name_them():

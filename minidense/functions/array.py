@@ -376,11 +376,11 @@ def pad(input, pad, mode="constant", value=None):
     return Pad(tuple(widths), 0.0 if value is None else value)(x)
 
 
-def expand(input, *sizes):
-    """``input`` repeated, without a copy, along its size-1 dims up to ``sizes`` (-1 keeps
+def expand(input, *size):
+    """``input`` repeated, without a copy, along its size-1 dims up to ``size`` (-1 keeps
     a dim's size), as PyTorch's ``Tensor.expand``."""
     x = as_tensor(input)
-    sizes = as_tuple(sizes)
+    sizes = as_tuple(size)
     lead = len(sizes) - x.ndim
     if lead < 0:
         raise ValueError(f"expand: {len(sizes)} sizes for a tensor with {x.ndim} dims")

@@ -7,7 +7,7 @@ from collections import OrderedDict, namedtuple
 import numpy as np
 
 from .. import backend
-from ..autograd import Tensor
+from ..autograd import Tensor, device_and_dtype
 
 
 class Parameter(Tensor):
@@ -193,8 +193,7 @@ class Module:
         """Move (and/or cast) every parameter and buffer in place; parameters keep their
         identity, so an optimizer built before the move still holds them.  Integer
         buffers (BN's batch counts) keep their dtype.  ``to(dtype)`` casts only."""
-        if device is not None and dtype is None and _is_dtype(device):
-            device, dtype = None, device
+        device, dtype = device_and_dtype(device, dtype)
         device = backend.check_device(device) if device is not None else None
 
         def moved(array):
@@ -296,14 +295,3 @@ class Module:
             child_repr = repr(child).replace("\n", "\n  ")
             lines.append(f"  ({name}): {child_repr}")
         return "\n".join(lines) + "\n)"
-
-
-def _is_dtype(value) -> bool:
-    """Whether ``value`` names a dtype rather than a device (``model.to("float64")``)."""
-    if isinstance(value, str) and value.partition(":")[0] in backend.DEVICES:
-        return False
-    try:
-        np.dtype(value)
-    except TypeError:
-        return False
-    return True
