@@ -218,7 +218,14 @@ class LogSoftmax(Softmax):
         return log_softmax(input, self.dim)
 
 
-class AvgPool2d(Module):
+class _Pool2d(Module):
+    """What every pooling window prints (stride defaults to the kernel size)."""
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class AvgPool2d(_Pool2d):
     """Mean over each window (stride defaults to the kernel size); padding counts as zeros."""
 
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -232,11 +239,8 @@ class AvgPool2d(Module):
         return avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                           self.count_include_pad, self.divisor_override)
 
-    def extra_repr(self):
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
-
-class MaxPool2d(Module):
+class MaxPool2d(_Pool2d):
     """Maximum over each window (stride defaults to the kernel size); padding is -inf."""
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False,
@@ -250,9 +254,6 @@ class MaxPool2d(Module):
             raise NotImplementedError("MaxPool2d: return_indices=True is not supported by minidense")
         return max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                           self.ceil_mode)
-
-    def extra_repr(self):
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
 class AdaptiveAvgPool2d(Module):
