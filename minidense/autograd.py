@@ -141,6 +141,18 @@ def _is_float(dtype) -> bool:
     return np.dtype(dtype).kind == "f"
 
 
+def device_and_dtype(device, dtype):
+    """``to(device, dtype)``'s arguments, where ``to(np.float64)`` (PyTorch's
+    ``to(dtype)``) gives the dtype first: a dtype in the device's place moves over."""
+    if device is not None and dtype is None and not (
+            isinstance(device, str) and device.partition(":")[0] in backend.DEVICES):
+        try:
+            return None, np.dtype(device)
+        except TypeError:
+            pass
+    return device, dtype
+
+
 # ---------------------------------------------------------------------------
 # Tensor
 # ---------------------------------------------------------------------------
@@ -177,9 +189,21 @@ class Tensor:
     def dtype(self):
         return self.data.dtype
 
-    @property
-    def size(self):
-        return self.data.size
+    def size(self, dim=None):
+        """The shape (PyTorch's ``torch.Size`` is a tuple too), or its entry ``dim``."""
+        if dim is None:
+            return tuple(self.data.shape)
+        if not -self.data.ndim <= dim < self.data.ndim:
+            raise IndexError(f"size: dim {dim} is out of range for a tensor of shape "
+                             f"{tuple(self.data.shape)}")
+        return self.data.shape[dim]
+
+    def numel(self) -> int:
+        """The number of elements (NumPy's ``size``)."""
+        return int(self.data.size)
+
+    def dim(self) -> int:
+        return self.data.ndim
 
     @property
     def device(self) -> str:
@@ -218,7 +242,8 @@ class Tensor:
         return "tensor(" + ", ".join([body] + extras) + ")"
 
     # -- autograd ----------------------------------------------------------
-    def requires_grad_(self, flag: bool = True) -> "Tensor":
+    def requires_grad_(self, requires_grad: bool = True) -> "Tensor":
+        flag = requires_grad
         if flag and not _is_float(self.dtype):
             raise TypeError(f"requires_grad: only floating-point tensors can require a gradient, "
                             f"got dtype {self.dtype} (shape {self.shape})")
@@ -231,8 +256,18 @@ class Tensor:
         """Keep ``.grad`` for this non-leaf tensor after backward."""
         self._retain_grad = True
 
-    def backward(self, grad=None, retain_graph: bool = False) -> None:
-        run_backward(self, grad, retain_graph)
+    def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad``, as PyTorch's: ``gradient``
+        is the gradient of a non-scalar ``self``; ``retain_graph`` keeps the saved arrays
+        for a second backward.  Higher-order gradients (``create_graph``) and ``inputs``
+        are not supported."""
+        if create_graph:
+            raise NotImplementedError("backward: create_graph=True (higher-order gradients) is "
+                                      "not supported by minidense")
+        if inputs is not None:
+            raise NotImplementedError("backward: inputs= is not supported by minidense; "
+                                      "gradients go to every leaf that requires one")
+        run_backward(self, gradient, bool(retain_graph))
 
     def detach(self) -> "Tensor":
         """The same data (shared, not copied), cut from the graph."""
@@ -406,7 +441,7 @@ def run_backward(root: Tensor, grad=None, retain_graph: bool = False) -> None:
     if grad is None:
         if root.data.size != 1:
             raise RuntimeError(f"backward: grad can be implicitly created only for a scalar output, "
-                               f"got shape {root.shape}; pass backward(grad) with that shape")
+                               f"got shape {root.shape}; pass backward(gradient) with that shape")
         grad = xp.ones(root.shape, dtype=root.dtype)
     else:
         # In the tensor's dtype (as PyTorch does): a float64 gradient for a float32 loss
