@@ -266,7 +266,7 @@ def stage_train(args):
         correct = total = 0
         with md.no_grad():
             for images, labels in test_loader:
-                predicted = model(images).argmax(axis=1)
+                predicted = model(images).argmax(1)
                 correct += int((predicted == labels).sum().item())
                 total += len(labels)
         model.train()

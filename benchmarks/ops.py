@@ -88,7 +88,7 @@ def concat_case(n, c, growth, hw):
     def build(rng):
         arrays = [rng.standard_normal((n, c, hw, hw), dtype=np.float32),
                   rng.standard_normal((n, growth, hw, hw), dtype=np.float32)]
-        return arrays, (lambda a, b: md.concat([a, b], axis=1), lambda a, b: torch.cat([a, b], dim=1))
+        return arrays, (lambda a, b: md.cat([a, b], dim=1), lambda a, b: torch.cat([a, b], dim=1))
     return "concat", f"{n}x{c}x{hw}x{hw} + {n}x{growth}x{hw}x{hw}", None, build
 
 

@@ -53,7 +53,7 @@ def write_dense_layer_graph(model, out_dir):
     x0 = md.randn(2, k0, 8, 8, requires_grad=True)
     x1 = md.randn(2, k, 8, 8, requires_grad=True)
     layer = block.layer2
-    x2 = layer(md.concat([x0, x1], axis=1))      # x_2 = H_2([x_0, x_1])
+    x2 = layer(md.cat([x0, x1], 1))      # x_2 = H_2([x_0, x_1])
     names = {f"block1.layer2.{n}": p for n, p in layer.named_parameters()}
     names.update(x_0=x0, x_1=x1)
     dot = md.to_dot(x2, names=names, title="DenseNet-BC: layer 2 of block 1, x_2 = H_2([x_0, x_1])")

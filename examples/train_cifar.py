@@ -21,7 +21,7 @@ def evaluate(model, loader):
     correct = seen = 0
     with md.no_grad():
         for images, labels in loader:
-            predictions = model(images).argmax(axis=1)
+            predictions = model(images).argmax(1)
             correct = correct + (predictions == labels).sum()   # a device scalar: no wait
             seen += len(labels)
     return 100.0 * correct.item() / seen
@@ -83,7 +83,7 @@ def main():
             # wait for the GPU and stall the batch pipeline.
             with md.no_grad():
                 loss_sum = loss_sum + loss * len(labels)
-                correct = correct + (logits.argmax(axis=1) == labels).sum()
+                correct = correct + (logits.argmax(1) == labels).sum()
             seen += len(labels)
         train_loss, train_accuracy = loss_sum.item() / seen, 100.0 * correct.item() / seen
         elapsed = time.perf_counter() - start           # after .item(): the GPU has finished

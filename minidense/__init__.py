@@ -7,16 +7,20 @@
 """
 from . import backend
 from . import autograd
-from .autograd import (Function, Tensor, as_tensor, enable_grad, grad, is_grad_enabled, no_grad,
-                       once_differentiable, tensor)
+from .autograd import Function, Tensor, enable_grad, grad, is_grad_enabled, no_grad, once_differentiable
 from .backend import cuda_available, manual_seed
 from .fast_paths import plain_ops
-from .functions.array import as_tuple as _as_tuple
 from .functions import (
-    CONV_ALGORITHMS, add, avg_pool2d, batch_norm, batch_norm_relu, concat, conv2d, conv_algorithm,
-    cross_entropy, div, dropout, exp, flatten, global_avg_pool2d, linear, log, matmul, max, max_pool2d, mean, mul, neg, pow, relu, reshape,
-    sigmoid, sqrt, sub, sum, tanh, transpose,
+    CONV_ALGORITHMS, abs, add, amax, amin, argmax, argmin, avg_pool2d, batch_norm, batch_norm_relu,
+    cat, chunk, clamp, clip, clone, concat, concatenate, conv2d, conv_algorithm, cross_entropy, div,
+    dropout, exp, flatten, global_avg_pool2d, linear, log, log_softmax, matmul, max, max_pool2d,
+    mean, min, mul, neg, norm, permute, pow, relu, reshape, sigmoid, softmax, split, sqrt, squeeze,
+    stack, sub, sum, tanh, transpose, unflatten, unsqueeze,
 )
+from .creation import (arange, as_tensor, double, empty, float16, float32, float64, from_numpy, full,
+                       half, int32, int64, long, ones, ones_like, rand, randint, randn, tensor,
+                       uint8, zeros, zeros_like)
+from . import cuda
 from .gradcheck import GradcheckError, gradcheck, gradgradcheck
 
 # As in PyTorch, the checks are also md.autograd.gradcheck and md.autograd.gradgradcheck
@@ -36,24 +40,3 @@ from .process import tune_process
 from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
-
-
-def zeros(*shape, dtype=None, device="cpu", requires_grad=False):
-    """A tensor of zeros; ``md.zeros(2, 3)`` or ``md.zeros((2, 3))``; float32 by default."""
-    return _filled(0, shape, dtype, device, requires_grad)
-
-
-def ones(*shape, dtype=None, device="cpu", requires_grad=False):
-    """A tensor of ones; ``md.ones(2, 3)`` or ``md.ones((2, 3))``; float32 by default."""
-    return _filled(1, shape, dtype, device, requires_grad)
-
-
-def _filled(value, shape, dtype, device, requires_grad):
-    xp = backend.array_module(device)
-    return Tensor(xp.full(_as_tuple(shape), value, dtype=dtype or "float32"), requires_grad=requires_grad)
-
-
-def randn(*shape, dtype=None, device="cpu", requires_grad=False):
-    """Standard normal samples from minidense's seeded generator."""
-    data = backend.generator(device).standard_normal(_as_tuple(shape), dtype=dtype or "float32")
-    return Tensor(data, requires_grad=requires_grad)

@@ -142,6 +142,18 @@ def _is_float(dtype) -> bool:
     return np.dtype(dtype).kind == "f"
 
 
+def device_and_dtype(device, dtype):
+    """``to(device, dtype)``'s arguments, where ``to(np.float64)`` (PyTorch's
+    ``to(dtype)``) gives the dtype first: a dtype in the device's place moves over."""
+    if device is not None and dtype is None and not (
+            isinstance(device, str) and device.partition(":")[0] in backend.DEVICES):
+        try:
+            return None, np.dtype(device)
+        except TypeError:
+            pass
+    return device, dtype
+
+
 # ---------------------------------------------------------------------------
 # Tensor
 # ---------------------------------------------------------------------------
@@ -178,9 +190,21 @@ class Tensor:
     def dtype(self):
         return self.data.dtype
 
-    @property
-    def size(self):
-        return self.data.size
+    def size(self, dim=None):
+        """The shape (PyTorch's ``torch.Size`` is a tuple too), or its entry ``dim``."""
+        if dim is None:
+            return tuple(self.data.shape)
+        if not -self.data.ndim <= dim < self.data.ndim:
+            raise IndexError(f"size: dim {dim} is out of range for a tensor of shape "
+                             f"{tuple(self.data.shape)}")
+        return self.data.shape[dim]
+
+    def numel(self) -> int:
+        """The number of elements (NumPy's ``size``)."""
+        return int(self.data.size)
+
+    def dim(self) -> int:
+        return self.data.ndim
 
     @property
     def device(self) -> str:
@@ -219,7 +243,8 @@ class Tensor:
         return "tensor(" + ", ".join([body] + extras) + ")"
 
     # -- autograd ----------------------------------------------------------
-    def requires_grad_(self, flag: bool = True) -> "Tensor":
+    def requires_grad_(self, requires_grad: bool = True) -> "Tensor":
+        flag = requires_grad
         if flag and not _is_float(self.dtype):
             raise TypeError(f"requires_grad: only floating-point tensors can require a gradient, "
                             f"got dtype {self.dtype} (shape {self.shape})")
@@ -232,13 +257,20 @@ class Tensor:
         """Keep ``.grad`` for this non-leaf tensor after backward."""
         self._retain_grad = True
 
-    def backward(self, gradient=None, retain_graph=None, create_graph=False) -> None:
+    def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None) -> None:
         """Accumulate d self / d leaf into every leaf's ``.grad`` (``gradient``: the
-        upstream gradient, needed unless self has one element).  ``create_graph``: the
-        gradients are Tensors with a graph of their own, to differentiate again;
-        ``retain_graph`` (default: ``create_graph``) keeps the saved arrays for another
-        backward."""
-        run_backward([self], [gradient], retain_graph, create_graph)
+        upstream gradient, needed unless self has one element), as PyTorch's.
+        ``create_graph``: the gradients are Tensors with a graph of their own, to
+        differentiate again; ``retain_graph`` (default: ``create_graph``) keeps the saved
+        arrays for another backward; ``inputs``: only these tensors' ``.grad``."""
+        if inputs is None:
+            run_backward([self], [gradient], retain_graph, create_graph)
+            return
+        inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+        grads = run_backward([self], [gradient], retain_graph, create_graph, inputs, allow_unused=True)
+        for t, g in zip(inputs, grads):
+            if g is not None:
+                _accumulate_into_grad(t, g if create_graph else g.data, create_graph)
 
     def detach(self) -> "Tensor":
         """The same data (shared, not copied), cut from the graph."""
@@ -556,8 +588,8 @@ def _root_gradient(root, grad, create_graph):
                            "(did you forget requires_grad=True, or run under no_grad?)")
     if grad is None:
         if root.data.size != 1:
-            raise RuntimeError(f"backward: a gradient can be implicitly created only for a "
-                               f"one-element output, got shape {tuple(root.shape)}; pass the "
+            raise RuntimeError(f"backward: a gradient can be implicitly created only for a scalar "
+                               f"output, got shape {tuple(root.shape)}; pass the "
                                f"upstream gradient (grad_outputs, or backward(gradient)) of that "
                                f"shape")
         grad = backend.get_array_module(root.data).ones(root.shape, dtype=root.dtype)
@@ -692,8 +724,8 @@ def _accumulate_into_grad(tensor: Tensor, grad, create_graph=False) -> None:
     if isinstance(grad, Tensor):
         if grad.dtype != tensor.dtype:
             grad = grad.to(dtype=tensor.dtype)
-        # A new node, so that no .grad aliases another gradient or the upstream one.
-        tensor.grad = _Copy()(grad) if tensor.grad is None else tensor.grad + grad
+        # A new node (a copy), so that no .grad aliases another gradient or the upstream one.
+        tensor.grad = grad.clone() if tensor.grad is None else tensor.grad + grad
     elif tensor.grad is None:
         # A copy, so that no .grad aliases another gradient or the upstream one.
         tensor.grad = Tensor(grad.astype(tensor.dtype, copy=True))
@@ -701,21 +733,6 @@ def _accumulate_into_grad(tensor: Tensor, grad, create_graph=False) -> None:
         tensor.grad = Tensor(tensor.grad.data + grad)   # after a create_graph pass: out of place
     else:
         tensor.grad.data += grad
-
-
-class _Copy(Function):
-    """y = a copy of x; the gradient passes through."""
-
-    differentiable = True
-
-    def forward(self, x):
-        return x.copy()
-
-    def backward(self, gy):
-        return gy
-
-    def differentiable_backward(self, gy):
-        return gy
 
 
 def _call_backward(node: Function, grad_outputs, retain_graph: bool, create_graph: bool, sink):

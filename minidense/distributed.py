@@ -199,7 +199,9 @@ class MPICommunicator(Communicator):
 
 
 def _contiguous(array):
-    return backend.get_array_module(array).ascontiguousarray(array)
+    # asarray(order="C"), not ascontiguousarray, which turns a 0-d array (BatchNorm's
+    # num_batches_tracked) into shape (1,)
+    return backend.get_array_module(array).asarray(array, order="C")
 
 
 _world = None
@@ -284,15 +286,17 @@ class SyncBatchNorm2d(BatchNorm2d):
 
     function = SyncBatchNormFunction
 
-    def __init__(self, num_features, momentum=0.1, eps=1e-5, comm=None):
-        super().__init__(num_features, momentum, eps)
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, comm=None):
+        super().__init__(num_features, eps, momentum)
         self.comm = comm or SingleProcess()
 
     def forward(self, x):
         if not self.training or self.comm.size == 1:
             return super().forward(x)
-        return self.function(self.comm, self.running_mean.data, self.running_var.data,
-                             True, self.momentum, self.eps)(x, self.weight, self.bias)
+        args = self.batch_norm_arguments(x)
+        running = [t.data if t is not None else None for t in (args["running_mean"], args["running_var"])]
+        return self.function(self.comm, *running, True, args["momentum"], self.eps)(
+            x, args["weight"], args["bias"])
 
 
 class SyncBatchNormReLU2d(SyncBatchNorm2d, BatchNormReLU2d):

@@ -64,8 +64,8 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, max_elements=64, direc
         x = work[i]
         analytic = np.zeros(x.shape) if x.grad is None else backend.to_numpy(x.grad.data).astype(np.float64)
         flat = x.data.reshape(-1)  # a view: perturbing it perturbs the input
-        if x.size <= max_elements:
-            probes = [(np.unravel_index(k, x.shape), None) for k in range(x.size)]
+        if x.numel() <= max_elements:
+            probes = [(np.unravel_index(k, x.shape), None) for k in range(x.numel())]
         else:
             probes = []
             for _ in range(directions):

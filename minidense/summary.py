@@ -40,7 +40,7 @@ def layer_macs(module, inputs, output) -> int:
     the papers count); normalisation, activations and pooling count as none."""
     if not isinstance(output, Tensor) or output.ndim == 0:
         return 0
-    per_image = output.size // output.shape[0]
+    per_image = output.numel() // output.shape[0]
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return per_image * module.in_channels * kh * kw
@@ -110,7 +110,7 @@ def summary(model, input_shape, depth=None, show=True) -> ModelSummary:
             for p in module.parameters():
                 if id(p) not in counted:
                     counted.add(id(p))
-                    params += p.size
+                    params += p.numel()
             out_shape = tuple(output.shape) if isinstance(output, Tensor) else ()
             result.layers.append(LayerSummary(row_name, type(module).__name__, out_shape, int(params),
                                               int(pending_macs.pop(row_name, 0))))
@@ -138,9 +138,9 @@ def summary(model, input_shape, depth=None, show=True) -> ModelSummary:
             m.training = mode
 
     parameters = list(model.parameters())
-    result.total_params = int(sum(p.size for p in parameters))
-    result.trainable_params = int(sum(p.size for p in parameters if p.requires_grad))
-    result.buffer_elements = int(sum(b.size for b in model.buffers()))
+    result.total_params = int(sum(p.numel() for p in parameters))
+    result.trainable_params = int(sum(p.numel() for p in parameters if p.requires_grad))
+    result.buffer_elements = int(sum(b.numel() for b in model.buffers()))
     result.total_macs = int(sum(row.macs for row in result.layers))
     if show:
         print(result)

@@ -89,7 +89,7 @@ elif check == "local-bn":
     state = train(model, optimizer, images[:, mine], labels[:, mine], comm)
     differing = []
     for name, value in state.items():
-        theirs = comm.broadcast(np.ascontiguousarray(value.copy()), root=0)
+        theirs = comm.broadcast(value.copy(order="C"), root=0)  # a 0-d count stays 0-d
         if not np.array_equal(theirs, value):
             differing.append(name)
     result["differing_from_rank_0"] = differing

@@ -88,8 +88,25 @@ def test_sum_and_mean(x):
 
 
 @given(x=shapes(min_dims=2, max_dims=3).flatmap(distinct_arrays))
-def test_max(x):
-    check(lambda x: md.max(x, axis=-1) * x.sum(axis=-1), [T(x)])
+def test_max_amax_min(x):
+    check(lambda x: md.amax(x, dim=-1) * x.sum(dim=-1), [T(x)])
+    check(lambda x: x.max(dim=0).values * x.min(dim=0).values, [T(x)])
+
+
+@given(x=shapes(min_dims=2, max_dims=3).flatmap(lambda s: arrays(s, margin=0.05)))
+def test_abs_clamp_norm_softmax(x):
+    check(lambda x: md.abs(x) * x + md.clamp(x, -0.5, 0.7) * x, [T(x)])
+    check(lambda x: md.norm(x, dim=-1) * x.sum(dim=-1), [T(x)])
+    check(lambda x: md.softmax(x, dim=-1) * x + md.log_softmax(x, dim=0) * x, [T(x)])
+
+
+@given(x=shapes(min_dims=2, max_dims=3).flatmap(arrays))
+def test_split_pad_expand_clone(x):
+    def fn(x):
+        a, b = md.split(x, [1, x.shape[0] - 1], dim=0) if x.shape[0] > 1 else (x, x)
+        padded = md.nn.functional.pad(x, (1, 2))
+        return (a * a).sum() + (b * b).sum() + (padded * padded).sum() + (x[:1].expand(*x.shape) * x.clone()).sum()
+    check(fn, [T(x)])
 
 
 @given(x=shapes(min_dims=2, max_dims=3).flatmap(arrays))
@@ -169,7 +186,7 @@ def test_grad_api_errors():
         md.grad(out, [x, y], retain_graph=True)
     gx, gy = md.grad(out, [x, y], allow_unused=True)
     assert gy is None and np.allclose(gx.numpy(), 2)
-    with pytest.raises(RuntimeError, match="only for a one-element output, got shape \\(3,\\)"):
+    with pytest.raises(RuntimeError, match="only for a scalar output, got shape \\(3,\\)"):
         md.grad(x * 2, [x])
     with pytest.raises(RuntimeError, match="upstream gradient has shape \\(2,\\) but the output has shape \\(3,\\)"):
         md.grad(x * 2, [x], md.tensor(np.ones(2)))

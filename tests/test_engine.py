@@ -102,7 +102,7 @@ def test_each_op_keeps_only_what_its_backward_needs():
     w = leaf(np.ones((4, 3, 3, 3)))
     constant = md.tensor(np.full((2, 3, 6, 6), 2.0), device=TEST_DEVICE)
     # Shapes only: add, concat, average pooling, sums.
-    for y in (x + x, md.concat([x, x], axis=1), md.avg_pool2d(x, 2), x.sum(axis=1), x.reshape(-1)):
+    for y in (x + x, md.cat([x, x], dim=1), md.avg_pool2d(x, 2), x.sum(dim=1), x.reshape(-1)):
         assert y.grad_fn.saved == (), type(y.grad_fn).__name__
     # conv2d: x and W themselves, never the patch matrix.
     y = md.conv2d(x, w, padding=1)
@@ -255,7 +255,7 @@ def test_memory_is_flat_over_200_training_steps():
     counts = []
     for step in range(200):
         h = md.relu(md.batch_norm(md.conv2d(x, w1, padding=1), g1, b1, rm, rv))
-        h = md.concat([md.global_avg_pool2d(h), md.global_avg_pool2d(md.max_pool2d(h, 2))], axis=1)
+        h = md.cat([md.global_avg_pool2d(h), md.global_avg_pool2d(md.max_pool2d(h, 2))], dim=1)
         loss = md.cross_entropy(md.linear(h, w2), labels)
         for p in params:
             p.grad = None
@@ -289,7 +289,9 @@ OPS = {
     "max_pool2d_overlapping": (lambda x: md.max_pool2d(x, 3, 2, 1), [(2, 2, 5, 4)]),
     "avg_pool2d": (lambda x: md.avg_pool2d(x, 3, 2, 1), [(2, 2, 5, 4)]),
     "global_avg_pool2d": (md.global_avg_pool2d, [(2, 3, 2, 2)]),
-    "concat": (lambda a, b: md.concat([a, b], axis=1), [(2, 1, 3), (2, 2, 3)]),
+    "cat": (lambda a, b: md.cat([a, b], dim=1), [(2, 1, 3), (2, 2, 3)]),
+    "stack": (lambda a, b: md.stack([a, b], dim=1), [(2, 3), (2, 3)]),
+    "split": (lambda x: x.split([1, 2], dim=1)[1], [(2, 3)]),
     "add": (md.add, [(2, 3), (3,)]),
     "sub": (md.sub, [(2, 3), (3,)]),
     "mul": (md.mul, [(2, 3), (2, 3)]),
@@ -303,11 +305,21 @@ OPS = {
     "dropout": (lambda x: md.dropout(x, 0.5), [(4, 4)]),
     "cross_entropy": (lambda z: md.cross_entropy(z, _LABELS), [(3, 4)]),
     "matmul": (md.matmul, [(2, 3), (3, 2)]),
-    "sum": (lambda x: x.sum(axis=1), [(2, 3)]),
-    "mean": (lambda x: x.mean(axis=(0, 2), keepdims=True), [(2, 3, 2)]),
-    "max": (lambda x: x.max(axis=0), [(2, 3)]),
+    "sum": (lambda x: x.sum(dim=1), [(2, 3)]),
+    "mean": (lambda x: x.mean(dim=(0, 2), keepdim=True), [(2, 3, 2)]),
+    "amax": (lambda x: x.amax(dim=0), [(2, 3)]),
+    "max_dim": (lambda x: x.max(0).values, [(2, 3)]),
+    "min_dim": (lambda x: x.min(1, keepdim=True).values, [(2, 3)]),
+    "abs": (md.abs, [(2, 3)]),
+    "clamp": (lambda x: x.clamp(-0.5, 0.5), [(2, 3)]),
+    "norm": (lambda x: x.norm(dim=1), [(2, 3)]),
+    "softmax": (lambda x: md.softmax(x, 1), [(2, 3)]),
+    "log_softmax": (lambda x: md.log_softmax(x, 1), [(2, 3)]),
     "reshape": (lambda x: x.reshape(-1), [(2, 3)]),
-    "transpose": (lambda x: x.transpose(1, 0, 2), [(2, 3, 2)]),
+    "view": (lambda x: x.view(3, 2), [(2, 3)]),
+    "permute": (lambda x: x.permute(1, 0, 2), [(2, 3, 2)]),
+    "transpose": (lambda x: x.transpose(0, 2), [(2, 3, 2)]),
+    "clone": (lambda x: x.clone(), [(2, 3)]),
     "getitem": (lambda x: x[:, 1:], [(2, 3)]),
     "getitem_repeated_rows": (lambda x: x[[0, 1, 0]], [(2, 3)]),
 }
@@ -362,8 +374,8 @@ def test_linear_feature_mismatch():
 
 
 def test_concat_shapes_differ_off_axis():
-    with pytest.raises(ValueError, match=r"concat: .*same shape except on axis 1.*\(1, 2, 4, 4\).*\(1, 3, 5, 4\)"):
-        md.concat([md.ones(1, 2, 4, 4), md.ones(1, 3, 5, 4)], axis=1)
+    with pytest.raises(ValueError, match=r"concat: .*same shape except in dim 1.*\(1, 2, 4, 4\).*\(1, 3, 5, 4\)"):
+        md.cat([md.ones(1, 2, 4, 4), md.ones(1, 3, 5, 4)], dim=1)
 
 
 @pytest.mark.parametrize("call,pattern", [
@@ -371,7 +383,7 @@ def test_concat_shapes_differ_off_axis():
     (lambda: md.conv2d(md.ones(1, 3, 5, 5), md.ones(2, 3, 3)), r"conv2d: weight must be 4-D"),
     (lambda: md.max_pool2d(md.ones(3, 4, 4), 2), r"MaxPool2d: input must be 4-D"),
     (lambda: md.batch_norm(md.ones(4), md.ones(1), md.ones(1)), r"batch_norm: input must have a channel axis"),
-    (lambda: md.cross_entropy(md.ones(4), md.tensor([0])), r"cross_entropy: logits must be 2-D"),
+    (lambda: md.cross_entropy(md.ones(4), md.tensor([0])), r"cross_entropy: input must be 2-D"),
     (lambda: md.global_avg_pool2d(md.ones(2, 3)), r"global_avg_pool2d: input must be 4-D"),
     (lambda: md.avg_pool2d(md.ones(4, 4), 2), r"AvgPool2d: input must be 4-D"),
     (lambda: md.linear(md.ones(2, 3), md.ones(3)), r"linear: weight must be 2-D"),
@@ -399,7 +411,7 @@ def test_cross_entropy_labels_out_of_range():
 
 
 def test_cross_entropy_float_labels():
-    with pytest.raises(TypeError, match="labels must be integers"):
+    with pytest.raises(TypeError, match="target must hold integer class indices"):
         md.cross_entropy(md.ones(2, 3), md.tensor([0.0, 1.0]))
 
 

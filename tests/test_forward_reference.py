@@ -140,7 +140,7 @@ def test_concat_relu_against_torch(data):
     torch = _torch()
     a = data.draw(arrays((2, 3, 2, 2), margin=0.01))
     b = data.draw(arrays((2, 1, 2, 2), margin=0.01))
-    _compare(lambda a, b: md.relu(md.concat([a, b], axis=1)),
+    _compare(lambda a, b: md.relu(md.cat([a, b], 1)),
              lambda a, b: torch.relu(torch.cat([a, b], dim=1)), [a, b])
 
 

@@ -123,7 +123,7 @@ def test_pooling_and_max_gradients_stay_float32(op):
                   requires_grad=True)
     y = {"avg_pool": lambda: md.avg_pool2d(x, 2),
          "avg_pool_padded": lambda: md.avg_pool2d(x, 3, 2, 1),
-         "max": lambda: x.max(axis=(2, 3)),
+         "max": lambda: x.amax(dim=(2, 3)),
          "global_avg_pool": lambda: md.global_avg_pool2d(x)}[op]()
     assert y.dtype == np.float32
     # The op's own gradient (a leaf's .grad is cast to its dtype, which would hide it).
@@ -334,7 +334,7 @@ def test_batch_norm_relu_is_relu_of_batch_norm(training):
             y = md.batch_norm_relu(x, g, b, rm, rv, training)
         else:
             y = md.relu(md.batch_norm(x, g, b, rm, rv, training))
-        (y * md.tensor(np.linspace(-1, 2, y.size).reshape(y.shape))).sum().backward()
+        (y * md.tensor(np.linspace(-1, 2, y.numel()).reshape(y.shape))).sum().backward()
         outputs.append([y.numpy(), x.grad.numpy(), g.grad.numpy(), b.grad.numpy(), rm, rv])
     assert (outputs[0][0] == 0).mean() > 0.2  # the ReLU clips something
     for ours, reference in zip(*outputs):
@@ -397,7 +397,7 @@ def test_convolution_and_pooling_on_the_gpu_match_the_cpu(gpu, op):
     for device in ("cpu", "cuda"):
         x, w = md.tensor(x0, device=device, requires_grad=True), md.tensor(w0, device=device, requires_grad=True)
         y = op(x, w)
-        (y * md.tensor(np.linspace(-1, 1, y.size).reshape(y.shape), device=device)).sum().backward()
+        (y * md.tensor(np.linspace(-1, 1, y.numel()).reshape(y.shape), device=device)).sum().backward()
         results.append([y.numpy(), x.grad.numpy(), w.grad.numpy()])
     for ours, reference in zip(results[1], results[0]):
         np.testing.assert_allclose(ours, reference, rtol=1e-10, atol=1e-12)

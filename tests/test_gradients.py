@@ -78,20 +78,44 @@ def _axes(shape):
                      st.lists(st.integers(0, len(shape) - 1), min_size=1, unique=True).map(tuple))
 
 
-@pytest.mark.parametrize("name", ["sum", "mean", "max"])
+@pytest.mark.parametrize("name", ["sum", "mean", "amax", "amin", "norm"])
 @given(data=st.data())
 def test_reductions(name, data):
     shape = data.draw(shapes(1, 4))
-    x = data.draw(distinct_arrays(shape) if name == "max" else arrays(shape))
-    axis, keepdims = data.draw(_axes(shape)), data.draw(st.booleans())
+    x = data.draw(distinct_arrays(shape) if name in ("amax", "amin", "norm") else arrays(shape))
+    dim, keepdim = data.draw(_axes(shape)), data.draw(st.booleans())
     fn = getattr(md, name)
-    assert md.gradcheck(lambda t: fn(t, axis=axis, keepdims=keepdims), [T(x)])
+    if name == "norm":
+        p = data.draw(st.sampled_from([1, 2, 3.5, float("inf")]))
+        assert md.gradcheck(lambda t: fn(t, p, dim, keepdim), [T(x)])
+    else:
+        assert md.gradcheck(lambda t: fn(t, dim=dim if dim is not None else (), keepdim=keepdim)
+                            if name in ("amax", "amin") else fn(t, dim=dim, keepdim=keepdim), [T(x)])
 
 
-def test_max_splits_gradient_between_ties():
+@pytest.mark.parametrize("name", ["max", "min"])
+@given(data=st.data())
+def test_max_and_min_along_a_dim(name, data):
+    shape = data.draw(shapes(1, 4))
+    x = data.draw(distinct_arrays(shape))
+    dim, keepdim = data.draw(st.integers(-len(shape), len(shape) - 1)), data.draw(st.booleans())
+    assert md.gradcheck(lambda t: getattr(t, name)(dim, keepdim).values, [T(x)])
+
+
+def test_max_ties_share_the_gradient_and_max_along_a_dim_picks_the_first():
+    """PyTorch's rules: amax (and max over every element) split the gradient among tied
+    maxima; max(dim) sends it to the index it returns, the first."""
     x = md.tensor(np.array([[1.0, 3.0, 3.0]]), requires_grad=True, device=TEST_DEVICE)
-    x.max(axis=1).sum().backward()
+    x.amax(dim=1).sum().backward()
     np.testing.assert_allclose(x.grad.numpy(), [[0.0, 0.5, 0.5]])
+    x.grad = None
+    x.max().backward()
+    np.testing.assert_allclose(x.grad.numpy(), [[0.0, 0.5, 0.5]])
+    x.grad = None
+    values, indices = x.max(1)
+    values.sum().backward()
+    assert indices.tolist() == [1]
+    np.testing.assert_allclose(x.grad.numpy(), [[0.0, 1.0, 0.0]])
 
 
 # -- shape ops ----------------------------------------------------------------------
@@ -101,7 +125,9 @@ def test_reshape_and_transpose(data):
     x = data.draw(arrays(shape))
     perm = tuple(data.draw(st.permutations(range(len(shape)))))
     assert md.gradcheck(lambda t: t.reshape(-1), [T(x)])
-    assert md.gradcheck(lambda t: t.transpose(perm), [T(x)])
+    assert md.gradcheck(lambda t: t.permute(perm), [T(x)])
+    assert md.gradcheck(lambda t: t.transpose(0, -1).flatten(), [T(x)])
+    assert md.gradcheck(lambda t: t.unsqueeze(1).squeeze(), [T(x)])
 
 
 @given(data=st.data())
@@ -126,7 +152,38 @@ def test_concat_on_any_axis(data):
         shape = list(base)
         shape[axis] = data.draw(st.integers(1, 3))
         pieces.append(data.draw(arrays(tuple(shape))))
-    assert md.gradcheck(lambda *ts: md.concat(ts, axis=axis), T(*pieces) if count > 1 else [T(*pieces)])
+    assert md.gradcheck(lambda *ts: md.cat(ts, dim=axis), T(*pieces) if count > 1 else [T(*pieces)])
+    sizes = [p.shape[axis] for p in pieces]
+    assert md.gradcheck(lambda t: md.cat([part * (i + 1) for i, part in enumerate(t.split(sizes, axis))],
+                                         axis), [T(np.concatenate(pieces, axis))])
+
+
+# -- the other ops with PyTorch's names (each also compared with PyTorch in test_pytorch_idioms)
+_rng = np.random.default_rng(11)
+_X = _rng.standard_normal((3, 4))
+_LABELS = np.array([2, 0, 3])
+OTHER_OPS = {
+    "abs": lambda t: md.abs(t),
+    "clamp": lambda t: t.clamp(-0.5, 0.7),
+    "softmax": lambda t: md.softmax(t, 1),
+    "log_softmax": lambda t: md.log_softmax(t, 0),
+    "stack": lambda t: md.stack([t, t * 2], 1),
+    "chunk": lambda t: t.chunk(3, 1)[1],
+    "pad": lambda t: md.nn.functional.pad(t, (1, 2, 0, 1), value=0.5),
+    "cross_entropy_weighted_smoothed": lambda t: md.nn.functional.cross_entropy(
+        t, md.tensor(_LABELS, device=TEST_DEVICE), weight=md.tensor([1.0, 2.0, 0.5, 1.5], dtype=np.float64,
+                                                                    device=TEST_DEVICE),
+        label_smoothing=0.1),
+    "cross_entropy_ignore_index": lambda t: md.nn.functional.cross_entropy(
+        t, md.tensor([2, -100, 1], device=TEST_DEVICE), reduction="sum"),
+    "mse_loss": lambda t: md.nn.functional.mse_loss(t, md.tensor(_X[::-1] * 0.5, device=TEST_DEVICE)),
+    "adaptive_avg_pool2d": lambda t: md.nn.functional.adaptive_avg_pool2d(t.reshape(1, 1, 3, 4), (2, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_OPS))
+def test_other_ops(name):
+    assert md.gradcheck(OTHER_OPS[name], T(_X))
 
 
 # -- layers -------------------------------------------------------------------------
@@ -239,7 +296,7 @@ def test_densenet_bc_layer():
     def layer(x, g1, b1, w1, g2, b2, w2):
         bottleneck = _bn_relu_conv(x, g1, b1, w1, 0)
         new_features = _bn_relu_conv(bottleneck, g2, b2, w2, 1)
-        return md.concat([x, new_features], axis=1)
+        return md.cat([x, new_features], 1)
     assert md.gradcheck(layer, T(x, *params))
 
 
@@ -277,6 +334,6 @@ def test_residual_block_zero_padded_strided_shortcut():
     def block(x, *p):
         sub = x[:, :, ::2, ::2]
         zeros = md.tensor(backend.get_array_module(x.data).zeros(sub.shape))
-        shortcut = md.concat([sub, zeros], axis=1)
+        shortcut = md.cat([sub, zeros], 1)
         return _basic_block(x, shortcut, *p, stride=2)
     assert md.gradcheck(block, T(x, *_block_params(rng, 2, 4)))

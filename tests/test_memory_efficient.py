@@ -102,7 +102,7 @@ def test_gradcheck_through_the_recomputation():
     # A functional concat-BN-ReLU-Conv segment: every parameter is an input, so gradcheck
     # checks the gradients that the recomputation in backward produces for all of them.
     def segment(a, b, gamma, beta, w):
-        return md.conv2d(md.relu(md.batch_norm(md.concat([a, b], axis=1), gamma, beta)), w,
+        return md.conv2d(md.relu(md.batch_norm(md.cat([a, b], 1), gamma, beta)), w,
                          padding=1)
 
     rng = np.random.default_rng(0)
@@ -142,7 +142,7 @@ def test_dropout_draws_the_same_mask_in_both_passes_and_leaves_the_stream_alone(
     after = md.randn(3).numpy()
     # The gradient of sum(mask * x) is the mask drawn in the recomputation; y shows the
     # forward's: zero at the same places, 2 elsewhere.
-    assert 0 < (y.numpy() == 0).sum() < y.size
+    assert 0 < (y.numpy() == 0).sum() < y.numel()
     np.testing.assert_array_equal(x.grad.numpy(), y.numpy())
     # The generator went on as if the dropout had run once, without recomputation: the
     # replay drew from a copy of the forward's snapshot.

@@ -35,15 +35,19 @@ def test_module_registers_parameters_buffers_and_children_in_definition_order():
     model = TwoLayers()
     assert [n for n, _ in model.named_parameters()] == [
         "conv.weight", "norm.weight", "norm.bias", "head.2.weight", "head.2.bias"]
-    assert [n for n, _ in model.named_buffers()] == ["norm.running_mean", "norm.running_var"]
+    assert [n for n, _ in model.named_buffers()] == ["norm.running_mean", "norm.running_var",
+                                                     "norm.num_batches_tracked"]
     assert [n for n, _ in model.named_children()] == ["conv", "norm", "head", "shared"]
     assert [type(m).__name__ for m in model.modules()] == [
         "TwoLayers", "Conv2d", "BatchNorm2d", "Sequential", "ReLU", "GlobalAvgPool2d", "Linear"]
     assert all(p.requires_grad for p in model.parameters())
     assert not any(b.requires_grad for b in model.buffers())  # saved, never trained
     state = model.state_dict()
-    assert sorted(state) == sorted([n for n, _ in model.named_parameters()] +
-                                   [n for n, _ in model.named_buffers()])
+    # PyTorch's order: module by module, parameters then buffers; a module reachable by
+    # two names (shared) is saved under both.
+    assert list(state) == ["conv.weight", "norm.weight", "norm.bias", "norm.running_mean",
+                           "norm.running_var", "norm.num_batches_tracked", "head.2.weight",
+                           "head.2.bias", "shared.weight"]
     state["norm.weight"][0] = 5.0  # host copies: changing them leaves the model alone
     assert model.norm.weight.numpy()[0] == 1.0
 
@@ -60,7 +64,9 @@ def test_module_modes_zero_grad_and_dtype_moves_keep_parameter_identity():
     before = list(model.parameters())
     model.double()
     assert all(a is b for a, b in zip(model.parameters(), before))
-    assert all(t.dtype == np.float64 for t in list(model.parameters()) + list(model.buffers()))
+    assert all(t.dtype == np.float64 for t in list(model.parameters()) + list(model.buffers())
+               if t is not model.norm.num_batches_tracked)
+    assert model.norm.num_batches_tracked.dtype == np.int64  # a count stays an integer
     for p, g in zip(model.parameters(), grads):  # gradients move with their parameters
         assert p.grad.dtype == np.float64
         np.testing.assert_array_equal(p.grad.numpy(), g)
@@ -106,9 +112,11 @@ def test_max_and_average_pooling_layers_are_separate_kinds():
 
 
 def test_initialisation_follows_the_papers():
-    """He et al. (2015) normal with fan-out for convolutions, std sqrt(2 / (out*kh*kw));
-    BN gamma 1 and beta 0; linear bias 0 and PyTorch's uniform(+-1/sqrt(in)) weight."""
-    conv = md.nn.Conv2d(16, 64, 3)  # fan-out 576 and fan-in 144 give stds 2x apart
+    """The models' layers: He et al. (2015) normal with fan-out for convolutions, std
+    sqrt(2 / (out*kh*kw)); BN gamma 1 and beta 0; the classifier's bias 0 and its weight
+    uniform(+-1/sqrt(in))."""
+    from minidense.models.initialization import classifier_linear, he_normal_conv2d
+    conv = he_normal_conv2d(16, 64, 3)  # fan-out 576 and fan-in 144 give stds 2x apart
     w = conv.weight.numpy()
     he_std = math.sqrt(2.0 / (64 * 3 * 3))
     standard_error = he_std / math.sqrt(2 * w.size)  # of a sample standard deviation
@@ -118,10 +126,44 @@ def test_initialisation_follows_the_papers():
     norm = md.nn.BatchNorm2d(5)
     for tensor, value in ((norm.weight, 1), (norm.bias, 0), (norm.running_mean, 0), (norm.running_var, 1)):
         np.testing.assert_array_equal(tensor.numpy(), np.full(5, value, dtype=np.float32))
-    fc = md.nn.Linear(400, 300)
+    assert conv.bias is None
+    fc = classifier_linear(400, 300)
     bound = 1 / math.sqrt(400)
     assert np.abs(fc.weight.numpy()).max() <= bound and np.abs(fc.weight.numpy()).max() > 0.99 * bound
     np.testing.assert_array_equal(fc.bias.numpy(), np.zeros(300, dtype=np.float32))
+
+
+def test_layers_take_pytorchs_default_initialisation():
+    """nn.Conv2d and nn.Linear as PyTorch: weight Kaiming-uniform with a = sqrt(5), i.e.
+    U(+-1/sqrt(fan_in)), and the bias U(+-1/sqrt(fan_in))."""
+    for layer, fan_in in ((md.nn.Conv2d(16, 64, 3), 16 * 9), (md.nn.Linear(400, 300), 400)):
+        bound = 1 / math.sqrt(fan_in)
+        for p in (layer.weight.numpy(), layer.bias.numpy()):
+            assert np.abs(p).max() <= bound and np.abs(p).max() > 0.95 * bound
+            assert abs(p.std() - bound / math.sqrt(3)) < 6 * bound / math.sqrt(p.size)
+
+
+# The SHA-256 of the sorted (name, bytes) pairs of each model's state dict after
+# md.manual_seed(0), computed by running the code before the PyTorch-names change
+# (commit 0ef6887, when the models took nn.Conv2d's and nn.Linear's own He-normal and
+# zero-bias initialisation); BatchNorm's num_batches_tracked, added since, is left out.
+SEEDED_WEIGHTS = {
+    "resnet20": "fe9787c0c87397f5dbaa211a79a41b651ff8429f8801fe88f07960aacde22cc6",
+    "densenet_bc100_k12": "c603c060ea1964d6836ce6e9e682732325ce17eda4b57dec4fb4e8e78a278459",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEEDED_WEIGHTS))
+def test_the_same_seed_draws_the_same_initial_weights_as_before(name):
+    import hashlib
+    md.manual_seed(0)
+    state = models.get(name).state_dict()
+    digest = hashlib.sha256()
+    for key, value in sorted(state.items()):
+        if not key.endswith("num_batches_tracked"):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+    assert digest.hexdigest() == SEEDED_WEIGHTS[name]
 
 
 # ---------------------------------------------------------------------------
@@ -440,8 +482,7 @@ def test_same_logits_and_gradients_as_the_pytorch_twin(case):
     ours = build_ours().double()
     theirs = build_theirs(torch_twins).double()
     state = {k: torch.from_numpy(v) for k, v in ours.state_dict().items()}
-    missing, unexpected = theirs.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
+    theirs.load_state_dict(state)  # strict: the same keys, BatchNorm's counts included
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal((2, 3, size, size))
     for training in (True, False):  # batch statistics, then the running ones just updated

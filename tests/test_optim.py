@@ -127,7 +127,9 @@ def schedule_values(sched, opt, steps, lr_of):
     return values
 
 
-SCHEDULES = ["multistep", "cosine", "cosine-eta-min", "linear", "warmup-cosine", "warmup-multistep"]
+SCHEDULES = ["multistep", "cosine", "cosine-eta-min", "cosine-past-t-max", "linear", "constant",
+             "constant-half", "step", "exponential", "lambda", "warmup-cosine", "warmup-multistep",
+             "resumed-multistep"]
 
 
 def build_schedule(module, opt, case):
@@ -138,8 +140,23 @@ def build_schedule(module, opt, case):
         return module.CosineAnnealingLR(opt, T_max=20)
     if case == "cosine-eta-min":
         return module.CosineAnnealingLR(opt, T_max=13, eta_min=1e-3)
+    if case == "cosine-past-t-max":
+        return module.CosineAnnealingLR(opt, T_max=7)
     if case == "linear":
         return module.LinearLR(opt, start_factor=0.25, total_iters=6)
+    if case == "constant":  # PyTorch's default: a third for 5 steps
+        return module.ConstantLR(opt)
+    if case == "constant-half":
+        return module.ConstantLR(opt, 0.5, 3)
+    if case == "step":
+        return module.StepLR(opt, 4, gamma=0.5)
+    if case == "exponential":
+        return module.ExponentialLR(opt, 0.9)
+    if case == "lambda":
+        return module.LambdaLR(opt, lambda epoch: 1 / (epoch + 1))
+    if case == "resumed-multistep":  # an optimizer restored at step 8, one milestone passed
+        opt.param_groups[0].update(initial_lr=0.1, lr=0.01)
+        return module.MultiStepLR(opt, milestones=[7, 12], gamma=0.1, last_epoch=8)
     first = module.LinearLR(opt, start_factor=0.2, total_iters=5)
     if case == "warmup-cosine":
         second = module.CosineAnnealingLR(opt, T_max=15)

@@ -96,6 +96,7 @@ def test_torchvision_weights_load_through_safetensors_with_equal_logits(name, tm
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32))
     ours, theirs = logits(model, x), twin_logits(twin, x, torch)
     assert ours.shape == (1, 1000)
+    assert int(model.stem.norm.num_batches_tracked.item()) == 123  # BatchNorm's counts come too
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-10)
     if name == "resnet50":
         # The same weights in the paper's ResNet-50 (stride in the first 1x1): same shapes,
@@ -161,6 +162,14 @@ def test_old_style_denselayer_keys_and_batch_counters_are_understood():
     loaded = models.get("densenet121", weights=old_style).state_dict()
     for key, array in source.state_dict().items():
         np.testing.assert_array_equal(loaded[key], array)
+    # checkpoints from before BatchNorm's counts load, strictly, with the counts at 0
+    older = OrderedDict((k, v) for k, v in source.state_dict().items()
+                        if not k.endswith("num_batches_tracked"))
+    assert len(older) < len(source.state_dict())
+    counted = models.get("densenet121")
+    counted.stem.norm.num_batches_tracked.data[...] = 7
+    assert int(models.load_weights(counted, older).stem.norm.num_batches_tracked.item()) == 0
+    models.get("densenet121").load_state_dict(older)
     # counters also load beside minidense's names; one without its BatchNorm is unexpected
     state = source.state_dict()
     state["stem.norm.num_batches_tracked"] = np.array(5)

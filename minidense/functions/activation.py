@@ -73,13 +73,13 @@ class Tanh(Function):
         return gy * (1 - y * y)
 
 
-def relu(x):
-    return ReLU()(x)
+def relu(input):
+    return ReLU()(input)
 
 
-def sigmoid(x):
-    return Sigmoid()(x)
+def sigmoid(input):
+    return Sigmoid()(input)
 
 
-def tanh(x):
-    return Tanh()(x)
+def tanh(input):
+    return Tanh()(input)

@@ -296,12 +296,32 @@ class Linear(Function):
         return grads
 
 
-def conv2d(x, w, b=None, stride=1, padding=0):
-    """2-D convolution of x (N, C, H, W) with w (out, C, kh, kw), optional bias b (out,)."""
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution of ``input`` (N, C, H, W) with ``weight`` (out, C, kh, kw) and an
+    optional ``bias`` (out,).  ``padding``: an int, a pair, or "valid" (0) or "same" (odd
+    kernels, stride 1).  Only dilation 1 and groups 1 are supported."""
+    if pair(dilation, "dilation") != (1, 1) or groups != 1:
+        raise NotImplementedError(f"conv2d: dilation={dilation!r} and groups={groups!r} are not "
+                                  f"supported; minidense has dilation=1 and groups=1 only")
+    if isinstance(padding, str):
+        padding = same_padding("conv2d", padding, weight.shape[2:], stride)
     op = Conv2d(stride, padding)
-    return op(x, w) if b is None else op(x, w, b)
+    return op(input, weight) if bias is None else op(input, weight, bias)
 
 
-def linear(x, w, b=None):
-    """x W^T + b."""
-    return Linear()(x, w) if b is None else Linear()(x, w, b)
+def same_padding(op, padding, kernel_size, stride):
+    """PyTorch's padding="valid" (none) and "same" (the output keeps the input's size)."""
+    if padding == "valid":
+        return 0
+    if padding != "same":
+        raise ValueError(f"{op}: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    kh, kw = pair(kernel_size, "kernel_size")
+    if pair(stride, "stride") != (1, 1) or kh % 2 == 0 or kw % 2 == 0:
+        raise NotImplementedError(f"{op}: padding='same' is supported for stride 1 and odd kernel "
+                                  f"sizes only, got stride={stride!r}, kernel_size={(kh, kw)}")
+    return kh // 2, kw // 2
+
+
+def linear(input, weight, bias=None):
+    """input W^T + b."""
+    return Linear()(input, weight) if bias is None else Linear()(input, weight, bias)

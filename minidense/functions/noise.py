@@ -35,10 +35,11 @@ class Dropout(Function):
         return gy * mask
 
 
-def dropout(x, p=0.5, training=True, generator=None):
-    """Inverted dropout; the identity when not training or when p == 0.
+def dropout(input, p=0.5, train=True, *, generator=None):
+    """Inverted dropout; the identity when not ``train``ing or when p == 0 (PyTorch's
+    ``torch.dropout``; ``nn.functional.dropout`` calls the flag ``training``).
     ``generator``: a NumPy/CuPy Generator (on either device); by default minidense's
     seeded one for the tensor's device (``md.manual_seed``)."""
-    if not training or p == 0:
-        return x
-    return Dropout(p, generator)(x)
+    if not train or p == 0:
+        return input
+    return Dropout(p, generator)(input)

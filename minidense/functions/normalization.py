@@ -177,22 +177,22 @@ class BatchNormReLU(BatchNorm):
     relu = True
 
 
-def batch_norm(x, gamma, beta, running_mean=None, running_var=None, training=True,
+def batch_norm(input, weight, bias, running_mean=None, running_var=None, training=True,
                momentum=0.1, eps=1e-5):
     """Batch normalisation over axis 1.  ``running_mean``/``running_var`` (Tensors or
     arrays) are updated in place in training mode and used in eval mode."""
     rm = running_mean.data if isinstance(running_mean, Tensor) else running_mean
     rv = running_var.data if isinstance(running_var, Tensor) else running_var
-    return BatchNorm(rm, rv, training, momentum, eps)(x, gamma, beta)
+    return BatchNorm(rm, rv, training, momentum, eps)(input, weight, bias)
 
 
-def batch_norm_relu(x, gamma, beta, running_mean=None, running_var=None, training=True,
+def batch_norm_relu(input, weight, bias, running_mean=None, running_var=None, training=True,
                     momentum=0.1, eps=1e-5):
     """``relu(batch_norm(x, ...))`` as one op (the pre-activation of DenseNet's layers):
     the same arguments as ``batch_norm``; on the fast paths one pass fewer each way."""
     rm = running_mean.data if isinstance(running_mean, Tensor) else running_mean
     rv = running_var.data if isinstance(running_var, Tensor) else running_var
-    return BatchNormReLU(rm, rv, training, momentum, eps)(x, gamma, beta)
+    return BatchNormReLU(rm, rv, training, momentum, eps)(input, weight, bias)
 
 
 # ---------------------------------------------------------------------------

@@ -1,13 +1,13 @@
-"""Average, max and global average pooling over NCHW images."""
+"""Average, max, global and adaptive average pooling over NCHW images."""
 from __future__ import annotations
 
 import numpy as np
 
 from .. import backend
-from ..autograd import Function
+from ..autograd import Function, as_tensor
 from ..fast_paths import fast_paths_enabled
 from ._utils import col2im, expect_ndim, im2col, output_size, pair
-from .array import Reshape, broadcast_to
+from .array import Reshape, broadcast_to, stack
 
 
 class _Pool2d(Function):
@@ -208,13 +208,54 @@ class GlobalAvgPool2d(Function):
         return broadcast_to(Reshape((n, c, 1, 1))(gy) * (1.0 / (h * w)), self.input_shape)
 
 
-def avg_pool2d(x, kernel_size, stride=None, padding=0):
-    return AvgPool2d(kernel_size, stride, padding)(x)
+def _unsupported(op, **settings):
+    """A clear error for a PyTorch pooling argument that is not at its default."""
+    defaults = {"ceil_mode": False, "count_include_pad": True, "divisor_override": None,
+                "dilation": 1}
+    for name, value in settings.items():
+        if value != defaults[name] and not (name == "dilation" and pair(value, name) == (1, 1)):
+            raise NotImplementedError(f"{op}: {name}={value!r} is not supported by minidense "
+                                      f"(only {name}={defaults[name]!r})")
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0):
-    return MaxPool2d(kernel_size, stride, padding)(x)
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """The mean over each window; padding counts as zeros (count_include_pad)."""
+    _unsupported("avg_pool2d", ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                 divisor_override=divisor_override)
+    return AvgPool2d(kernel_size, stride, padding)(input)
 
 
-def global_avg_pool2d(x):
-    return GlobalAvgPool2d()(x)
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    """The maximum over each window; padding is -inf."""
+    _unsupported("max_pool2d", dilation=dilation, ceil_mode=ceil_mode)
+    return MaxPool2d(kernel_size, stride, padding)(input)
+
+
+def global_avg_pool2d(input):
+    """(N, C, H, W) -> (N, C): the mean of each channel."""
+    return GlobalAvgPool2d()(input)
+
+
+def adaptive_avg_pool2d(input, output_size):
+    """Means over windows that divide the image into ``output_size`` (an int, a pair, or
+    None for the input's size) as PyTorch's: window i spans [floor(i*H/out),
+    ceil((i+1)*H/out)).  Sizes that divide the image are one average pooling."""
+    x = as_tensor(input)
+    expect_ndim("adaptive_avg_pool2d", "input", x, 4, "N, C, H, W")
+    h, w = x.shape[2:]
+    sizes = output_size if isinstance(output_size, (tuple, list)) else (output_size, output_size)
+    oh, ow = (size if out is None else int(out) for out, size in zip(sizes, (h, w)))
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"adaptive_avg_pool2d: output_size must be positive, got {output_size!r}")
+    if (oh, ow) == (1, 1):
+        return GlobalAvgPool2d()(x).reshape(x.shape[0], x.shape[1], 1, 1)
+    if h % oh == 0 and w % ow == 0:
+        return AvgPool2d((h // oh, w // ow))(x)
+    rows = []
+    for i in range(oh):
+        top, bottom = (i * h) // oh, -((-(i + 1) * h) // oh)
+        cells = [x[:, :, top:bottom, (j * w) // ow:-((-(j + 1) * w) // ow)].mean((2, 3))
+                 for j in range(ow)]
+        rows.append(stack(cells, -1))
+    return stack(rows, -2)

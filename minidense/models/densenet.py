@@ -38,8 +38,9 @@ from collections import OrderedDict
 
 from .. import backend, nn
 from ..autograd import Function
-from ..functions import concat
+from ..functions import cat
 from ..recompute import recompute
+from .initialization import classifier_linear, he_normal_conv2d
 from .network import StagedNetwork, imagenet_stem
 
 
@@ -97,14 +98,15 @@ class DenseLayer(nn.Module):
 
 def _conv(in_channels, out_channels, kernel_size):
     """A kxk convolution that keeps the map size, without bias (a BN follows)."""
-    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+    return he_normal_conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                            bias=False)
 
 
 class SharedStorage:
     """One array for a dense block's output (Pleiss et al.'s shared memory): each feature
     map is written into its channels as it is made, so the features lie side by side, and
     every concatenation [x_0, ..., x_{l-1}] is a view of the array's first channels (see
-    ``md.concat``), never a copy.  Allocated once per forward."""
+    ``md.cat``), never a copy.  Allocated once per forward."""
 
     def __init__(self, like, channels):
         n, _, h, w = like.shape
@@ -153,9 +155,9 @@ class DenseBlock(nn.Module):
         storage = SharedStorage(x, self.out_channels)
         features = [storage.append(x)]
         for layer in self.children():
-            new_features = layer(concat(features, axis=1))   # x_l = H_l([x_0, x_1, ..., x_{l-1}])
+            new_features = layer(cat(features, 1))   # x_l = H_l([x_0, x_1, ..., x_{l-1}])  (Eq. 2)
             features.append(storage.append(new_features))
-        return concat(features, axis=1)
+        return cat(features, 1)
 
 
 class Transition(nn.Sequential):
@@ -191,7 +193,7 @@ class DenseNet(StagedNetwork):
         if not 0 < compression <= 1:
             raise ValueError(f"DenseNet: compression (theta) must be in (0, 1], got {compression}")
         if stem == "cifar":
-            self.stem = nn.Conv2d(3, stem_channels, 3, padding=1, bias=False)
+            self.stem = he_normal_conv2d(3, stem_channels, 3, padding=1, bias=False)
         elif stem == "imagenet":
             self.stem = imagenet_stem(stem_channels)
         else:
@@ -212,7 +214,7 @@ class DenseNet(StagedNetwork):
             ("norm", nn.BatchNorm2d(channels)),
             ("relu", nn.ReLU()),
             ("pool", nn.GlobalAvgPool2d()),
-            ("fc", nn.Linear(channels, num_classes)),
+            ("fc", classifier_linear(channels, num_classes)),
         ]))
         nn.fuse_bn_relu(self.classifier, ("norm", "relu"))
         self.num_features = channels

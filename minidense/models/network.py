@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from .. import nn
+from .initialization import he_normal_conv2d
 
 
 class StagedNetwork(nn.Module):
@@ -34,7 +35,7 @@ def imagenet_stem(out_channels):
     """7x7/2 convolution, BN, ReLU and 3x3/2 max pooling: 224x224 -> 56x56
     (ResNet Table 1 "conv1" and the first pooling; DenseNet Table 1 likewise)."""
     stem = nn.Sequential(OrderedDict([
-        ("conv", nn.Conv2d(3, out_channels, 7, stride=2, padding=3, bias=False)),
+        ("conv", he_normal_conv2d(3, out_channels, 7, stride=2, padding=3, bias=False)),
         ("norm", nn.BatchNorm2d(out_channels)),
         ("relu", nn.ReLU()),
         ("pool", nn.MaxPool2d(3, stride=2, padding=1)),

@@ -13,9 +13,7 @@ torchvision builds the ImageNet DenseNets (121, 161, 169, 201) and ResNets (18, 
     stage2.block1.conv1                                                           layer2.0.conv1
     stage2.block1.shortcut.conv, .norm                                            layer2.0.downsample.0, .1
 
-Two more differences.  torchvision's BatchNorm2d counts the batches it has seen
-(``num_batches_tracked``), which only matters with momentum=None: the counters are
-dropped on import and written as 0 on export.  And torchvision's ResNet-50/101/152
+One more difference: torchvision's ResNet-50/101/152
 subsample in the 3x3 convolution of a bottleneck ("ResNet v1.5"), where minidense's
 default follows the paper (the first 1x1): the shapes are the same either way, so
 weights in torchvision's names build the model with ``stride_in_3x3=True``, and a
@@ -32,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import io, nn
+from .. import io
 from ..autograd import Tensor
 from .densenet import DenseNet
 from .resnet import Bottleneck, ResNet, ZeroPadShortcut
@@ -114,7 +112,7 @@ def _rename(name, rules):
 
 def torchvision_names(model, what="torchvision_names"):
     """minidense name -> torchvision name for every parameter and buffer of ``model``
-    (plus each BatchNorm2d's ``num_batches_tracked``), in torchvision's order; a
+    (each BatchNorm2d's ``num_batches_tracked`` included), in torchvision's order; a
     ValueError when torchvision has no model with ``model``'s layout."""
     why = _why_not_torchvision(model)
     if why is not None:
@@ -122,21 +120,15 @@ def torchvision_names(model, what="torchvision_names"):
                          f"in minidense's names instead: md.save(model.state_dict(), path)")
     rules = _DENSENET_RULES if isinstance(model, DenseNet) else _RESNET_RULES
     names = OrderedDict()
-    for module_name, module in model.named_modules():  # module order is torchvision's order
-        own = list(module._parameters.items()) + list(module._buffers.items())
-        if isinstance(module, nn.BatchNorm2d):
-            own.append(("num_batches_tracked", None))
-        for key, tensor in own:
-            if key == "num_batches_tracked" or tensor is not None:
-                name = f"{module_name}.{key}"
-                names[name] = _rename(name, rules)
+    for name in model.state_dict(keep_vars=True):  # module by module: torchvision's order
+        names[name] = _rename(name, rules)
     return names
 
 
 def export_state_dict(model, names):
     """The model's weights as a flat dict in another library's names, ready for
     ``md.save(..., "w.safetensors")``.  ``names``: "torchvision", the only one: its keys,
-    each a contiguous NumPy array, with int64 ``num_batches_tracked`` counters (0).  The
+    each a contiguous NumPy array (the ``num_batches_tracked`` counts int64).  The
     file then loads with ``torchvision.models.densenet121().load_state_dict(...)``.  A
     model torchvision has no counterpart of (a CIFAR model) is a ValueError."""
     if names != "torchvision":
@@ -144,8 +136,7 @@ def export_state_dict(model, names):
     state = model.state_dict()
     exported = OrderedDict()
     for ours, theirs in torchvision_names(model, "export_state_dict").items():
-        exported[theirs] = (np.array(0, dtype=np.int64) if ours.endswith(".num_batches_tracked")
-                            else np.asarray(state[ours], order="C"))
+        exported[theirs] = np.asarray(state[ours], order="C")
     return exported
 
 
@@ -188,16 +179,12 @@ def naming(state):
 def load_weights(model, weights):
     """Load ``weights`` (a .safetensors/.npz path or a dict of arrays, in torchvision's
     names or minidense's, told apart by the names) into ``model``; returns ``model``.
-    Every missing, unexpected and wrong-shaped name is reported in one error."""
+    Every missing, unexpected and wrong-shaped name is reported in one error.  Files
+    without BatchNorm's ``num_batches_tracked`` (older ones) load with the counts at 0."""
     state = read_weights(weights)
-    # A BatchNorm's batch counter, when its running mean is there too, has no minidense twin.
-    state = OrderedDict((k, v) for k, v in state.items() if not (
-        k.endswith(".num_batches_tracked")
-        and k[:-len("num_batches_tracked")] + "running_mean" in state))
     shown = None
     if naming(state) == "torchvision":
-        shown = OrderedDict((ours, theirs) for ours, theirs in torchvision_names(model, "load_weights").items()
-                            if not ours.endswith(".num_batches_tracked"))
+        shown = torchvision_names(model, "load_weights")
         ours_by_theirs = {theirs: ours for ours, theirs in shown.items()}
         state = OrderedDict((ours_by_theirs.get(k, k), v) for k, v in state.items())
     try:

@@ -21,14 +21,15 @@ from collections import OrderedDict
 
 from .. import backend, nn
 from ..autograd import Tensor
-from ..functions import concat
+from ..functions import cat
+from .initialization import classifier_linear, he_normal_conv2d
 from .network import StagedNetwork, imagenet_stem
 
 
 def conv_bn(in_channels, out_channels, kernel_size, stride=1):
     """A convolution (no bias: the BN shifts) and its batch normalisation, as two modules."""
-    return (nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                      padding=kernel_size // 2, bias=False),
+    return (he_normal_conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                             padding=kernel_size // 2, bias=False),
             nn.BatchNorm2d(out_channels))
 
 
@@ -46,7 +47,7 @@ class ZeroPadShortcut(nn.Module):
         n, c, h, w = x.shape
         xp = backend.get_array_module(x.data)
         zeros = Tensor(xp.zeros((n, self.out_channels - c, h, w), dtype=x.dtype))
-        return concat([x, zeros], axis=1)
+        return cat([x, zeros], 1)
 
     def extra_repr(self):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
@@ -149,7 +150,7 @@ class ResNet(StagedNetwork):
             self.add_module(f"stage{s}", nn.Sequential(blocks))
         self.classifier = nn.Sequential(OrderedDict([
             ("pool", nn.GlobalAvgPool2d()),
-            ("fc", nn.Linear(channels, num_classes)),
+            ("fc", classifier_linear(channels, num_classes)),
         ]))
         self.num_features = channels
 

@@ -5,9 +5,10 @@
     loss.backward(); opt.step(); sched.step(); opt.zero_grad()
 """
 from . import lr_scheduler
-from .lr_scheduler import (ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR,
-                           SequentialLR, warmup_then)
+from .lr_scheduler import (ConstantLR, CosineAnnealingLR, ExponentialLR, LambdaLR, LinearLR,
+                           LRScheduler, MultiStepLR, SequentialLR, StepLR, warmup_then)
 from .optimizer import SGD, Adam, AdamW, Optimizer
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "lr_scheduler", "LRScheduler", "ConstantLR",
-           "MultiStepLR", "CosineAnnealingLR", "LinearLR", "SequentialLR", "warmup_then"]
+           "StepLR", "ExponentialLR", "LambdaLR", "MultiStepLR", "CosineAnnealingLR", "LinearLR",
+           "SequentialLR", "warmup_then"]

@@ -120,7 +120,7 @@ def build_scheduler(settings: dict, optimizer, steps_per_epoch: int):
         main = optim.MultiStepLR(optimizer, [round(f * total) - warmup for f in fractions],
                                  gamma=settings["gamma"])
     else:
-        main = optim.ConstantLR(optimizer)
+        main = optim.ConstantLR(optimizer, factor=1.0)   # the learning rate throughout
     return optim.warmup_then(optimizer, main, warmup)
 
 def run_epochs(settings: dict, digits: bool, device: str) -> int:
