@@ -179,7 +179,7 @@ def test_backward_takes_pytorchs_arguments():
         (ours * 2).sum().backward(grad=None)   # the old keyword is gone
     # inputs=: only those tensors' .grad; create_graph=True: a .grad with a graph.
     a, b = both(X23), both(X23)
-    for (t, u), lib in ((a[0], b[0]), md), ((a[1], b[1]), torch)):
+    for t, u in ((a[0], b[0]), (a[1], b[1])):
         (t * t * u).sum().backward(inputs=[t], create_graph=True)
         assert u.grad is None and t.grad.grad_fn is not None
     np.testing.assert_allclose(a[0].grad.numpy(), a[1].grad.detach().numpy(), rtol=1e-14)
