@@ -326,7 +326,7 @@ def stage_train(args):
         complete = True
         for images, labels in train_loader.iterate(epoch):
             elapsed = time.perf_counter() - started
-            if elapsed >= budget:
+            if elapsed >= budget and step:   # one step at least, however slow the start
                 done, complete = True, False
                 break
             if epoch == 0 and len(losses) == first_epoch_steps:   # the short first epoch
