@@ -82,8 +82,8 @@ def _no_gpu_reason() -> str:
                 "wheel for your CUDA version)")
     try:
         _cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:   # no driver, or no device: CuPy's own words
-        return f"CuPy sees no GPU ({error})"
+    except Exception as error:   # no driver, or no device: CuPy's own words, on one line
+        return f"CuPy sees no GPU ({' '.join(str(error).split())})"
     return "CuPy sees no GPU"
 
 
