@@ -4,31 +4,55 @@ Everything else in minidense asks this module for the array library that goes
 with an array (``xp = backend.get_array_module(x)``) or with a device name
 (``backend.array_module("cuda")``), and never imports CuPy itself.  CuPy is
 optional: ``import minidense`` works without it, and only asking for
-``device="cuda"`` needs it.
+``device="cuda"`` needs it.  CuPy itself is imported on first need (``_load_cupy``),
+not by ``import minidense``: its import takes 0.15 s warm and about a second cold,
+which a CPU-only use should not pay.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
+import sys
 import time
 
 import numpy as np
 
-try:  # CuPy is an optional dependency (the ``gpu`` extra).
-    import cupy as _cupy
-except Exception:  # ImportError, or a CUDA library that fails to load
-    _cupy = None
+_cupy = None            # the cupy module once imported (the tests put a fake one here)
+_cupy_tried = False     # whether the import was attempted
 
 DEVICES = ("cpu", "cuda")
 
 
+def _load_cupy():
+    """CuPy, imported the first time something asks for it; None when it is not
+    installed (or a CUDA library it needs fails to load)."""
+    global _cupy, _cupy_tried
+    if _cupy is None and not _cupy_tried:
+        _cupy_tried = True
+        try:  # CuPy is an optional dependency (the ``gpu`` extra).
+            import cupy
+            _cupy = cupy
+        except Exception:  # ImportError, or a CUDA library that fails to load
+            pass
+    return _cupy
+
+
+def _cupy_if_imported():
+    """CuPy if it has been imported by anyone (so that CuPy arrays can exist), else None:
+    the array tests below cost no import of CuPy on a CPU-only run."""
+    if _cupy is None and not _cupy_tried and "cupy" in sys.modules:
+        _load_cupy()
+    return _cupy
+
+
 def cuda_available() -> bool:
     """True when CuPy is importable and sees at least one GPU."""
-    if _cupy is None:
+    cupy = _load_cupy()
+    if cupy is None:
         return False
     try:
-        return _cupy.cuda.runtime.getDeviceCount() > 0
+        return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
 
@@ -48,11 +72,19 @@ def check_device(device: str) -> str:
         raise ValueError(f"device {device!r}: minidense uses one GPU, 'cuda' (or 'cuda:0'); to "
                          f"run on another GPU, set CUDA_VISIBLE_DEVICES to its index")
     if name == "cuda" and not cuda_available():
-        reason = ("CuPy is not installed (pip install 'minidense[gpu]', or the "
-                  "cupy-cudaXXx wheel for your CUDA version)" if _cupy is None
-                  else "CuPy sees no GPU")
-        raise RuntimeError(f"device 'cuda' was requested but {reason}")
+        raise RuntimeError(f"device 'cuda' was requested but {_no_gpu_reason()}")
     return name
+
+
+def _no_gpu_reason() -> str:
+    if _load_cupy() is None:
+        return ("CuPy is not installed (pip install 'minidense[gpu]', or the cupy-cudaXXx "
+                "wheel for your CUDA version)")
+    try:
+        _cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:   # no driver, or no device: CuPy's own words, on one line
+        return f"CuPy sees no GPU ({' '.join(str(error).split())})"
+    return "CuPy sees no GPU"
 
 
 def array_module(device: str):
@@ -62,8 +94,9 @@ def array_module(device: str):
 
 def get_array_module(array):
     """The array library (numpy or cupy) that owns ``array``."""
-    if _cupy is not None and isinstance(array, _cupy.ndarray):
-        return _cupy
+    cupy = _cupy if _cupy is not None else _cupy_if_imported()
+    if cupy is not None and isinstance(array, cupy.ndarray):
+        return cupy
     return np
 
 
@@ -72,7 +105,10 @@ def device_of(array) -> str:
 
 
 def is_array(obj) -> bool:
-    return isinstance(obj, np.ndarray) or (_cupy is not None and isinstance(obj, _cupy.ndarray))
+    if isinstance(obj, np.ndarray):
+        return True
+    cupy = _cupy if _cupy is not None else _cupy_if_imported()
+    return cupy is not None and isinstance(obj, cupy.ndarray)
 
 
 def to_device(array, device: str):
@@ -98,7 +134,7 @@ def host_nested(data):
     (CuPy refuses implicit conversion to the host).  One copy per CuPy element: meant
     for small lists such as ``[loss1, loss2]``, not for bulk data.  Iterative, so
     deep nesting cannot hit the recursion limit."""
-    if _cupy is None or not isinstance(data, (list, tuple)):
+    if not isinstance(data, (list, tuple)) or _cupy_if_imported() is None:
         return data
     root = [data]
     stack = [(root, 0)]
@@ -308,6 +344,7 @@ class MemoryCounter:
 
     def install(self):
         """Make this the allocator of CuPy (and so of minidense on the GPU)."""
+        _load_cupy()
         if self.pool is None:
             self.pool = _cupy.get_default_memory_pool()
         self._previous = _cupy.cuda.get_allocator()
@@ -413,29 +450,46 @@ def index_kernel(name: str, *sizes):
 def use_gpu(index: int) -> None:
     """Make GPU ``index`` (modulo the GPUs this machine has) CuPy's current device: one
     GPU per rank of a data-parallel job, picked by its rank on the machine."""
-    if _cupy is None:
+    if _load_cupy() is None:
         raise RuntimeError("use_gpu: CuPy is not installed")
     _cupy.cuda.Device(index % _cupy.cuda.runtime.getDeviceCount()).use()
+
+
+def nccl_module():
+    """``cupy.cuda.nccl``, imported on first use (CuPy warns at that import when NCCL is
+    missing, so only a data-parallel run on GPUs pays it); the tests put a fake here."""
+    if _load_cupy() is None:
+        raise RuntimeError("NCCL: CuPy is not installed")
+    from cupy.cuda import nccl
+    if not getattr(nccl, "available", True):
+        raise RuntimeError("NCCL: CuPy finds no NCCL library (pip install nvidia-nccl-cu12 "
+                           "or nvidia-nccl-cu13, to match your CuPy)")
+    return nccl
 
 
 class NcclGroup:
     """An NCCL communicator (``cupy.cuda.nccl.NcclCommunicator``) for CuPy arrays, on the
     current stream: what ``minidense.distributed`` uses for device arrays.
-    ``NcclGroup.single()`` makes a 1-rank one, which needs no MPI (the GPU smoke test)."""
+    ``NcclGroup.single()`` makes a 1-rank one, which needs no MPI (the GPU smoke test).
+
+    The unique id that every rank must share is ``bytes`` of ``ID_BYTES``, as CuPy 14
+    returns it from ``get_unique_id()`` and takes it in ``NcclCommunicator(ndev, commId,
+    rank)`` (CuPy 13 and older used a tuple of ints)."""
 
     ID_BYTES = 128   # NCCL_UNIQUE_ID_BYTES
 
-    def __init__(self, size: int, rank: int, unique_id):
-        if _cupy is None:
-            raise RuntimeError("NcclGroup: CuPy is not installed")
-        from cupy.cuda import nccl
-        self.nccl = nccl
-        self.comm = nccl.NcclCommunicator(size, unique_id, rank)
+    def __init__(self, size: int, rank: int, unique_id: bytes):
+        if not isinstance(unique_id, bytes) or len(unique_id) != self.ID_BYTES:
+            got = type(unique_id).__name__ + (f" of length {len(unique_id)}"
+                                              if hasattr(unique_id, "__len__") else "")
+            raise TypeError(f"NcclGroup: the unique id must be bytes of length {self.ID_BYTES} "
+                            f"(NcclGroup.unique_id() on one rank, sent to the others), got {got}")
+        self.nccl = nccl_module()
+        self.comm = self.nccl.NcclCommunicator(size, unique_id, rank)
 
     @staticmethod
-    def unique_id():
-        from cupy.cuda import nccl
-        return nccl.get_unique_id()
+    def unique_id() -> bytes:
+        return bytes(nccl_module().get_unique_id())
 
     @classmethod
     def single(cls) -> "NcclGroup":

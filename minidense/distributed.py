@@ -168,13 +168,13 @@ class MPICommunicator(Communicator):
 
     def nccl(self) -> "backend.NcclGroup":
         """The NCCL communicator of these ranks, made at first use: rank 0 makes the
-        unique id and MPI broadcasts it (as numbers, never pickled)."""
+        unique id (bytes) and MPI broadcasts it as a uint8 buffer (never pickled)."""
         if self._nccl is None:
-            unique_id = np.zeros(backend.NcclGroup.ID_BYTES, dtype=np.int16)
+            unique_id = np.zeros(backend.NcclGroup.ID_BYTES, dtype=np.uint8)
             if self.rank == 0:
-                unique_id[:] = backend.NcclGroup.unique_id()
+                unique_id[:] = np.frombuffer(backend.NcclGroup.unique_id(), dtype=np.uint8)
             self.comm.Bcast(unique_id, root=0)
-            self._nccl = backend.NcclGroup(self.size, self.rank, tuple(int(b) for b in unique_id))
+            self._nccl = backend.NcclGroup(self.size, self.rank, unique_id.tobytes())
         return self._nccl
 
     def allreduce(self, array):

@@ -12,6 +12,11 @@ the argument order and the types are what the GPU would run, without a GPU:
 
 ``run(name, args, start=, stop=)`` runs elements [start, stop) only, writing them to
 an output buffer of stop - start elements: how the tests look at elements past 2**31.
+
+CuPy's type rules are enforced before anything runs (``decide_types``): every array
+given for a ``T`` parameter must have one dtype, and an array for a typed parameter
+(``raw uint8 images``) exactly that dtype, or CuPy's ``TypeError: Type is mismatched``;
+scalars take the type of their parameter.  So a mixed-dtype call fails here as on a GPU.
 """
 from __future__ import annotations
 
@@ -43,6 +48,30 @@ def compiler_available() -> bool:
 
 def _params(spec):
     return [p.split() for p in spec.split(",") if p.strip()]
+
+
+def decide_types(name, inputs, outputs=()):
+    """The dtype of ``T`` for a call of kernel ``name``, as CuPy decides it
+    (``cupy._core._kernel._decide_params_type_core``): the outputs first, then the
+    inputs; only arrays count (Python and NumPy scalars take their parameter's type);
+    a second dtype for ``T``, or an array of another dtype than its typed parameter,
+    raises CuPy's TypeError."""
+    spec = backend.CUDA_KERNELS[name]
+    ins, outs = _params(spec.in_params), _params(spec.out_params)
+    decided = None
+    for params, values in ((outs, outputs), (ins, inputs)):
+        for param, value in zip(params, values):
+            if not isinstance(value, np.ndarray):
+                continue
+            declared, pname = param[-2], param[-1]
+            if declared != "T":
+                if value.dtype != np.dtype(declared):
+                    raise TypeError(f"Type is mismatched. {pname} {value.dtype} {declared}")
+            elif decided is None:
+                decided = value.dtype
+            elif value.dtype != decided:
+                raise TypeError(f"Type is mismatched. {pname} {value.dtype} {decided} T")
+    return decided
 
 
 def _source(name, t_name, virtual_raw, scalar_inputs):
@@ -106,10 +135,9 @@ def run(name, args, start=0, stop=None, virtual_raw=False):
     spec = backend.CUDA_KERNELS[name]
     ins, outs = _params(spec.in_params), _params(spec.out_params)
     assert len(args) == len(ins) + len(outs), (name, len(args))
-    arrays = [a for a in args if isinstance(a, np.ndarray) and a.ndim > 0]
-    t_dtype = next(a.dtype for a in arrays[::-1] if a.dtype.kind == "f")  # outputs are T
-    t_name, t_ctype = _T_TYPES[t_dtype]
     outputs = args[len(ins):]
+    t_dtype = decide_types(name, args[:len(ins)], outputs)
+    t_name, t_ctype = _T_TYPES[t_dtype]
     size = outputs[0].size
     stop = size if stop is None else stop
     scalar_inputs = {p[-1] for p, a in zip(ins, args) if p[0] == "T" and np.ndim(a) == 0}
@@ -175,11 +203,11 @@ def run_reduction(name, inputs, axis):
     """A ReductionKernel of ``backend.CUDA_KERNELS`` over ``axis`` of the broadcast
     inputs: the reduced axes are moved last and made contiguous, then the map, reduce
     and post-map expressions run in C++ loops."""
+    t_dtype = decide_types(name, inputs)
     arrays = np.broadcast_arrays(*[np.asarray(a) for a in inputs])
     ndim = arrays[0].ndim
     axes = tuple(a % ndim for a in ((axis,) if np.isscalar(axis) else axis))
     kept = [a for a in range(ndim) if a not in axes]
-    t_dtype = next(a.dtype for a in arrays if a.dtype.kind == "f")
     moved = [np.ascontiguousarray(a.transpose(kept + list(axes)), dtype=t_dtype) for a in arrays]
     out_shape = tuple(arrays[0].shape[a] for a in kept)
     outer = int(np.prod(out_shape, dtype=np.int64))

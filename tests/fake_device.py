@@ -90,7 +90,7 @@ class _FakeCupy(types.ModuleType):
             runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
             Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None),
             Event=_FakeEvent, get_elapsed_time=lambda start, end: (end.time - start.time) * 1e3,
-            get_allocator=lambda: allocator["current"],
+            get_allocator=lambda: allocator["current"], get_current_stream=lambda: _FakeStream,
             set_allocator=lambda function: allocator.__setitem__("current", function),
             memory=types.SimpleNamespace(PythonFunctionAllocator=_FakeFunctionAllocator))
         linalg = types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7, compute_types={})
@@ -142,6 +142,84 @@ class _FakePool:
 
     def free_all_blocks(self):
         pass
+
+
+_FakeStream = types.SimpleNamespace(ptr=0)   # CuPy's null stream
+
+
+class FakeNccl(types.ModuleType):
+    """``cupy.cuda.nccl`` as CuPy 14 has it (cupy_backends/cuda/libs/nccl.pyx), for the
+    set-up code of ``backend.NcclGroup`` and ``distributed.MPICommunicator``: no GPU, no
+    communication; it checks its arguments as the Cython signatures do and records
+    every communicator and call.
+
+    * ``get_unique_id()`` returns ``bytes`` of NCCL_UNIQUE_ID_BYTES (a tuple of ints
+      before CuPy 14);
+    * ``NcclCommunicator(int ndev, bytes commId, int rank, NcclConfig config=None)``:
+      another type is Cython's TypeError, another length CuPy's ValueError;
+    * ``allReduce(intptr_t sendbuf, intptr_t recvbuf, size_t count, int datatype, int op,
+      intptr_t stream)``, ``broadcast(intptr_t sendbuff, intptr_t recvbuff, size_t count,
+      int datatype, int root, intptr_t stream)``."""
+
+    UNIQUE_ID_BYTES = 128
+    # nccl.h's ncclDataType_t and ncclRedOp_t
+    NCCL_INT32, NCCL_INT64, NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = 2, 4, 6, 7, 8, 0
+    available = True
+
+    def __init__(self):
+        super().__init__("fake_cupy.cuda.nccl")
+        self.issued = []          # every unique id handed out
+        self.communicators = []   # every NcclCommunicator made
+        fake = self
+
+        class NcclCommunicator:
+            def __init__(self, ndev, commId, rank, config=None):
+                _typed("ndev", ndev, int)
+                _typed("commId", commId, bytes)
+                _typed("rank", rank, int)
+                if len(commId) != fake.UNIQUE_ID_BYTES:
+                    raise ValueError(f"commId length {len(commId)} != {fake.UNIQUE_ID_BYTES}.")
+                if not 0 <= rank < ndev:
+                    raise ValueError(f"NCCL: rank {rank} of {ndev}")   # ncclInvalidArgument
+                self.ndev, self.commId, self.rank, self.calls = ndev, commId, rank, []
+                fake.communicators.append(self)
+
+            def size(self):
+                return self.ndev
+
+            def rank_id(self):
+                return self.rank
+
+            def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
+                for name, value in (("sendbuf", sendbuf), ("recvbuf", recvbuf), ("count", count),
+                                    ("datatype", datatype), ("op", op), ("stream", stream)):
+                    _typed(name, value, int)
+                self.calls.append(("allReduce", sendbuf, recvbuf, count, datatype, op, stream))
+
+            def broadcast(self, sendbuff, recvbuff, count, datatype, root, stream):
+                for name, value in (("sendbuff", sendbuff), ("recvbuff", recvbuff), ("count", count),
+                                    ("datatype", datatype), ("root", root), ("stream", stream)):
+                    _typed(name, value, int)
+                self.calls.append(("broadcast", sendbuff, recvbuff, count, datatype, root, stream))
+
+        self.NcclCommunicator = NcclCommunicator
+
+    def get_unique_id(self):
+        unique_id = bytes(np.random.default_rng(len(self.issued)).integers(0, 256, self.UNIQUE_ID_BYTES,
+                                                                            dtype=np.uint8))
+        self.issued.append(unique_id)
+        return unique_id
+
+    def get_version(self):
+        return 22805
+
+
+def _typed(name, value, kind):
+    """Cython's check of a typed argument: an int parameter takes any integer, a bytes
+    parameter bytes only."""
+    if not (isinstance(value, (int, np.integer)) if kind is int else type(value) is kind):
+        raise TypeError(f"Argument '{name}' has incorrect type (expected {kind.__name__}, "
+                        f"got {type(value).__name__})")
 
 
 class _FakeEvent:

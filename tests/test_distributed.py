@@ -119,6 +119,84 @@ def test_sync_batchnorm_converts_the_fused_bn_relu_and_keeps_its_relu():
     assert (y.numpy() == 0).any()
 
 
+class _FakeWorld:
+    """MPI.COMM_WORLD of ``size`` ranks run as threads of this process, as far as
+    MPICommunicator uses it: its rank and size, the node split, and Bcast."""
+
+    COMM_TYPE_SHARED = 1
+
+    def __init__(self, rank, size, shared):
+        self.rank, self.size, self.shared = rank, size, shared
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.size
+
+    def Split_type(self, kind, key):
+        return type("Node", (), {"Get_rank": lambda _: self.rank, "Get_size": lambda _: self.size,
+                                 "Free": lambda _: None})()
+
+    def Bcast(self, buffer, root=0):
+        if self.rank == root:
+            self.shared["buffer"] = buffer.copy()
+        self.shared["barrier"].wait(timeout=10)
+        if self.rank != root:
+            buffer[...] = self.shared["buffer"]
+        self.shared["barrier"].wait(timeout=10)
+
+
+def test_two_ranks_set_up_nccl_with_cupy_14s_bytes_unique_id(monkeypatch):
+    """The set-up path of data-parallel training on GPUs, on a fake cupy.cuda.nccl with
+    CuPy 14's signatures: rank 0's unique id (bytes) reaches rank 1 over MPI unchanged,
+    each rank makes its communicator with (2, that id, its rank), and an allreduce of a
+    device array passes NCCL its pointer, size, type, sum and stream."""
+    import threading
+    from fake_device import FakeNccl, fake_cuda
+    fake = fake_cuda(monkeypatch)
+    nccl = FakeNccl()
+    monkeypatch.setattr(md.backend, "nccl_module", lambda: nccl)
+    monkeypatch.setattr(distributed.threads, "share_cores", lambda processes: None)
+    shared = {"barrier": threading.Barrier(2)}
+    ranks = [distributed.MPICommunicator(_FakeWorld(rank, 2, shared), _FakeWorld) for rank in (0, 1)]
+    arrays = [fake.asarray(np.full(5, rank + 1.0, dtype=np.float32)) for rank in (0, 1)]
+    errors = []
+
+    def rank_main(rank):
+        try:
+            ranks[rank].allreduce(arrays[rank])
+            ranks[rank].broadcast(arrays[rank], root=0)
+        except Exception as error:   # reported below, not lost in the thread
+            errors.append((rank, error))
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not errors, errors
+    assert len(nccl.issued) == 1 and type(nccl.issued[0]) is bytes      # made on rank 0 only
+    made = sorted(nccl.communicators, key=lambda c: c.rank)
+    assert [(c.ndev, c.commId, c.rank) for c in made] == [(2, nccl.issued[0], 0), (2, nccl.issued[0], 1)]
+    for communicator, array in zip(made, arrays):
+        pointer = array.data.ptr
+        assert communicator.calls == [("allReduce", pointer, pointer, 5, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, 0),
+                                      ("broadcast", pointer, pointer, 5, nccl.NCCL_FLOAT32, 0, 0)]
+    assert ranks[0].nccl() is ranks[0].nccl()                           # made once per rank
+
+
+def test_an_nccl_unique_id_of_another_form_is_refused(monkeypatch):
+    from fake_device import FakeNccl
+    monkeypatch.setattr(md.backend, "nccl_module", lambda: FakeNccl())
+    with pytest.raises(TypeError, match=r"NcclGroup: the unique id must be bytes of length 128 .* "
+                                        r"got tuple of length 128"):
+        md.backend.NcclGroup(2, 0, tuple(range(128)))
+    group = md.backend.NcclGroup.single()
+    assert group.comm.ndev == 1 and type(group.comm.commId) is bytes
+    with pytest.raises(TypeError, match="Argument 'commId' has incorrect type"):   # the fake's check
+        FakeNccl().NcclCommunicator(1, tuple(range(128)), 0)
+
+
 def test_loader_shards_split_each_global_batch_in_order():
     dataset = md.data.ImageDataset(np.arange(40, dtype=np.uint8).reshape(10, 2, 2, 1).repeat(3, 3),
                                    np.arange(10) % 3, ["a", "b", "c"])

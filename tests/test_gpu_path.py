@@ -417,3 +417,67 @@ def test_import_registers_every_kernel_beside_the_op_that_launches_it():
         assert set(spec.dtypes) <= {"float16", "float32", "float64"} and spec.dtypes, name
         params = {p.split()[-1] for p in spec.in_params.split(",")}
         assert set(spec.scalars) <= params, (name, set(spec.scalars) - params)
+
+
+# ---------------------------------------------------------------------------
+# Dtypes: CuPy gives every T argument of a kernel one type, so the ops whose kernels
+# take T refuse mixed dtypes on both backends alike (as PyTorch does), and the pretend
+# GPU enforces CuPy's rule itself.
+# ---------------------------------------------------------------------------
+_MIXED = {
+    "conv2d": (lambda x, w, g: md.conv2d(x, w, g), "input float64, weight float32, bias float32"),
+    "linear": (lambda x, w, g: md.linear(x.reshape(2, -1)[:, :27], w.reshape(4, -1), g),
+               "input float64, weight float32, bias float32"),
+    "batch_norm": (lambda x, w, g: md.batch_norm(x, g[:3], g[1:]),
+                   "input float64, gamma float32, beta float32"),
+    "batch_norm_relu": (lambda x, w, g: md.batch_norm_relu(x, g[:3], g[1:]),
+                        "input float64, gamma float32, beta float32"),
+}
+_NAMED = {"batch_norm_relu": "batch_norm"}   # the fused op's errors name batch norm
+
+
+@pytest.mark.parametrize("op", list(_MIXED))
+def test_mixed_dtypes_are_one_clear_error_on_both_backends(gpu, op):
+    """A float64 input into float32 weights: the same TypeError, naming the op and
+    every dtype, on the CPU (which used to promote to float64) and on the GPU (where
+    CuPy's kernels would say "Type is mismatched")."""
+    call, dtypes = _MIXED[op]
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((2, 3, 4, 4))
+    w0, g0 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32), np.ones(4, np.float32)
+    messages = []
+    for device in ("cpu", "cuda"):
+        x, w, g = (md.tensor(a, device=device) for a in (x0, w0, g0))
+        with pytest.raises(TypeError, match=f"^{_NAMED.get(op, op)}: expected one dtype for all inputs, got {dtypes}") as error:
+            call(x, w, g)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+    # The same op with every array of one dtype runs, and element-wise arithmetic still
+    # promotes, as in PyTorch.
+    x, w, g = (md.tensor(a.astype(np.float32), device="cuda") for a in (x0, w0, g0))
+    assert call(x, w, g).dtype == np.float32
+    assert (md.tensor(x0, device="cuda") + w.sum()).dtype == np.float64
+
+
+def test_the_pretend_gpu_enforces_cupys_type_rules(monkeypatch):
+    """What CuPy's ElementwiseKernel and ReductionKernel do with argument dtypes
+    (_decide_params_type): one dtype for T across arrays, typed parameters exact,
+    scalars cast to their parameter's type."""
+    fake = fake_cuda(monkeypatch)
+    x = fake.asarray(np.ones((2, 3, 4)))
+    per_channel = fake.asarray(np.zeros((1, 3, 1), dtype=np.float32))
+    out = fake.empty_like(x)
+    with pytest.raises(TypeError, match="Type is mismatched. mean float32 float64 T"):
+        backend.cuda_kernel("bn_forward")(x, per_channel, per_channel, per_channel, False, out)
+    with pytest.raises(TypeError, match="Type is mismatched. mean float32 float64 T"):
+        backend.cuda_kernel("channel_squared_deviation")(x, per_channel, axis=(0, 2))
+    images = fake.asarray(np.zeros((1, 2, 2, 3), dtype=np.float32))    # declared uint8
+    out = fake.empty((1, 3, 2, 2), dtype=np.float32)
+    with pytest.raises(TypeError, match="Type is mismatched. images float32 uint8"):
+        backend.cuda_kernel("augment")(images, fake.zeros((1, 2), dtype=np.int64), fake.zeros(1, dtype=bool),
+                                       fake.ones(3, dtype=np.float32), fake.zeros(3, dtype=np.float32),
+                                       2, 2, 3, 0, False, out)
+    # Python and NumPy scalars take T from the arrays, whatever their own type.
+    p, grad = fake.asarray(np.ones(3, np.float32)), fake.asarray(np.ones(3, np.float32))
+    backend.cuda_kernel("sgd_plain_update")(grad, np.float64(0.5), 0.0, p)
+    assert p.dtype == np.float32 and p.tolist() == [0.5, 0.5, 0.5]

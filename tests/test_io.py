@@ -80,9 +80,10 @@ def test_optimizer_state_round_trip_continues_identically(tmp_path):
 
     def step(model, optimizer, seed):
         rng = np.random.default_rng(seed)
-        x, labels = md.tensor(rng.standard_normal((4, 3, 8, 8))), md.tensor(rng.integers(0, 10, 4))
+        x = md.tensor(rng.standard_normal((4, 3, 8, 8), dtype=np.float32))   # the model's dtype
+        labels = md.tensor(rng.integers(0, 10, 4))
         optimizer.zero_grad()
-        md.cross_entropy(model(x).astype(np.float32), labels).backward()
+        md.cross_entropy(model(x), labels).backward()
         optimizer.step()
 
     straight, straight_opt = setup()

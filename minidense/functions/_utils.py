@@ -23,6 +23,21 @@ def expect_ndim(op: str, name: str, array, ndim: int, layout: str = "") -> None:
         raise ValueError(f"{op}: {name} must be {ndim}-D{hint}, got shape {tuple(array.shape)}")
 
 
+def expect_one_dtype(op: str, **arrays) -> None:
+    """The arrays of one op (None for an absent bias) all of one dtype, or a TypeError
+    naming the op and every dtype.  As PyTorch, conv2d, linear and batch norm do not
+    promote (a float64 input into a float32 model is an error there, not a float64
+    result), and neither can their CUDA kernels: CuPy gives every ``T`` argument one
+    type ("Type is mismatched").  The element-wise arithmetic still promotes, as
+    PyTorch's does."""
+    present = {name: a for name, a in arrays.items() if a is not None}
+    if len({a.dtype for a in present.values()}) > 1:
+        got = ", ".join(f"{name} {a.dtype}" for name, a in present.items())
+        raise TypeError(f"{op}: expected one dtype for all inputs, got {got}; convert the "
+                        f"input (x.to(dtype=...)) or the model (model.float(), model.double()) "
+                        f"so that they agree")
+
+
 def sum_to(grad, shape):
     """Sum ``grad`` down to ``shape``: the backward of NumPy broadcasting."""
     if grad.shape == tuple(shape):

@@ -9,7 +9,7 @@ from ..autograd import Function
 from ..fast_paths import fast_paths_enabled
 from . import conv_phase_grid as phase_grid
 from . import conv_winograd as winograd
-from ._utils import col2im, expect_ndim, im2col, output_size, pair
+from ._utils import col2im, expect_ndim, expect_one_dtype, im2col, output_size, pair
 from .array import transpose
 from .math import matmul
 
@@ -94,6 +94,7 @@ class Conv2d(Function):
     def forward(self, x, w, b=None):
         expect_ndim("conv2d", "input", x, 4, "N, C, H, W")
         expect_ndim("conv2d", "weight", w, 4, "out_channels, in_channels, kh, kw")
+        expect_one_dtype("conv2d", input=x, weight=w, bias=b)
         n, c, h, wd = x.shape
         o, ci, kh, kw = w.shape
         if c != ci:
@@ -259,6 +260,7 @@ class Linear(Function):
 
     def forward(self, x, w, b=None):
         expect_ndim("linear", "weight", w, 2, "out_features, in_features")
+        expect_one_dtype("linear", input=x, weight=w, bias=b)
         if x.ndim < 1 or x.shape[-1] != w.shape[1]:
             raise ValueError(f"linear: input has {x.shape[-1] if x.ndim else 0} features "
                              f"(shape {tuple(x.shape)}) but the weight expects {w.shape[1]} "

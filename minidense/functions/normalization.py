@@ -16,6 +16,7 @@ from ..autograd import Function, Tensor
 from ..fast_paths import fast_paths_enabled
 from ..recompute import is_recomputing
 from . import cpu_pieces
+from ._utils import expect_one_dtype
 from .math import Step
 
 
@@ -199,6 +200,7 @@ def batch_norm_relu(input, weight, bias, running_mean=None, running_var=None, tr
 # Helpers of the plain algorithm
 # ---------------------------------------------------------------------------
 def _check(x, gamma, beta):
+    expect_one_dtype("batch_norm", input=x, gamma=gamma, beta=beta)
     if x.ndim < 2:
         raise ValueError(f"batch_norm: input must have a channel axis (N, C, ...), "
                          f"got shape {tuple(x.shape)}")

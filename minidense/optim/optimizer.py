@@ -127,12 +127,14 @@ class Optimizer:
 # Optimizer updates, one thread per parameter element and one launch per parameter
 # (instead of about 8 elementwise launches for SGD and 12 for Adam).  The arithmetic
 # is that of the NumPy path in optim/optimizer.py, operation for operation; scalars
-# computed on the host (1 - dampening, ...) come in as T.
+# computed on the host (1 - dampening, ...) come in as T.  No ?: between a T and an
+# arithmetic result: with T = float16, CuPy's half type computes in float, and NVRTC
+# rejects ?: of float16 and float as ambiguous (so if/else; the assignment rounds).
 _SGD_BODY = """
     T g = grad;
     if (weight_decay != (T)0) g = g + weight_decay * p;
-    buf = first ? g : buf * momentum + one_minus_dampening * g;
-    g = nesterov ? g + momentum * buf : buf;
+    if (first) buf = g; else buf = buf * momentum + one_minus_dampening * g;
+    if (nesterov) g = g + momentum * buf; else g = buf;
     p = p - lr * g;
 """
 
