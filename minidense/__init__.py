@@ -22,7 +22,7 @@ from .fast_paths import plain_ops
 from .functions.array import as_tuple as _as_tuple
 from .functions import (
     CONV_ALGORITHMS, add, avg_pool2d, batch_norm, batch_norm_relu, concat, conv2d, conv_algorithm,
-    cross_entropy, div, dropout, exp, flatten, global_avg_pool2d, linear, log, matmul, max, max_pool2d, mean, mul, neg, pow, relu, reshape,
+    cross_entropy, div, dropout, exp, flatten, global_avg_pool2d, hardtanh, linear, log, matmul, max, max_pool2d, mean, mul, neg, pow, relu, relu6, reshape,
     sigmoid, sqrt, sub, sum, tanh, transpose,
 )
 from .gradcheck import GradcheckError, gradcheck

@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import Tensor, _check_same_device
-from .activation import relu, sigmoid, tanh
+from .activation import hardtanh, relu, relu6, sigmoid, tanh
 from .array import concat, flatten, getitem, reshape, to_device_and_dtype, transpose
 from .connection import CONV_ALGORITHMS, conv2d, conv_algorithm, linear
 from .loss import cross_entropy, log_softmax_array
@@ -77,7 +77,7 @@ def _install_tensor_methods():
 _install_tensor_methods()
 
 __all__ = [
-    "relu", "sigmoid", "tanh", "concat", "flatten", "getitem", "reshape", "transpose",
+    "relu", "relu6", "hardtanh", "sigmoid", "tanh", "concat", "flatten", "getitem", "reshape", "transpose",
     "to_device_and_dtype", "conv2d", "linear", "cross_entropy", "log_softmax_array", "add", "div",
     "exp", "log", "matmul", "max", "mean", "mul", "neg", "pow", "sqrt", "sub", "sum", "dropout",
     "batch_norm", "batch_norm_relu", "avg_pool2d", "global_avg_pool2d", "max_pool2d", "backend",

@@ -30,6 +30,26 @@ class ReLU(Function):
         return gy * (y > 0)
 
 
+class Hardtanh(Function):
+    """x clamped to [min_val, max_val]; its gradient passes where min_val < x < max_val
+    (PyTorch's hardtanh; ``relu6`` is [0, 6]).  Keeps: its output (min_val < y < max_val
+    exactly where min_val < x < max_val)."""
+
+    def __init__(self, min_val=-1.0, max_val=1.0):
+        if not min_val < max_val:
+            raise ValueError(f"hardtanh: min_val ({min_val}) must be less than max_val ({max_val})")
+        self.min_val, self.max_val = min_val, max_val
+
+    def forward(self, x):
+        y = backend.get_array_module(x).clip(x, self.min_val, self.max_val)
+        self.save_for_backward(y)
+        return y
+
+    def backward(self, gy):
+        (y,) = self.saved
+        return gy * ((y > self.min_val) & (y < self.max_val))
+
+
 class Sigmoid(Function):
     """1 / (1 + exp(-x)), computed without overflow.  Keeps: its output."""
 
@@ -58,6 +78,16 @@ class Tanh(Function):
 
 def relu(x):
     return ReLU()(x)
+
+
+def hardtanh(x, min_val=-1.0, max_val=1.0):
+    return Hardtanh(min_val, max_val)(x)
+
+
+def relu6(x):
+    """min(max(x, 0), 6): MobileNet's activation, which keeps activations in a range that
+    low-precision arithmetic represents well (Howard et al. 2017; Sandler et al. 2018)."""
+    return Hardtanh(0.0, 6.0)(x)
 
 
 def sigmoid(x):

@@ -6,31 +6,39 @@ import math
 from ..autograd import Tensor
 from ..fast_paths import fast_paths_enabled
 from ..functions import (avg_pool2d, batch_norm, batch_norm_relu, conv2d, dropout,
-                         global_avg_pool2d, linear, max_pool2d, relu)
+                         global_avg_pool2d, linear, max_pool2d, relu, relu6)
 from ..functions._utils import pair
 from . import init
 from .module import Module, Parameter
 
 
 class Conv2d(Module):
-    """2-D convolution.  Weights: He normal with fan-out (He et al. 2015; the DenseNet
-    and ResNet reference code), bias zero."""
+    """2-D convolution, PyTorch's signature: the weight is (out_channels, in_channels /
+    groups, kh, kw).  Weights: He normal with fan-out (He et al. 2015; the DenseNet and
+    ResNet reference code), bias zero."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True):
         super().__init__()
+        for name, channels in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if channels % groups:
+                raise ValueError(f"Conv2d: {name}={channels} is not divisible by groups={groups}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = pair(kernel_size, "kernel_size")
-        self.stride, self.padding = stride, padding
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         kh, kw = self.kernel_size
-        self.weight = Parameter(init.kaiming_normal((out_channels, in_channels, kh, kw), mode="fan_out"))
+        self.weight = Parameter(init.kaiming_normal((out_channels, in_channels // groups, kh, kw),
+                                                    mode="fan_out"))
         self.bias = Parameter(init.zeros((out_channels,))) if bias else None
 
     def forward(self, x):
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self):
+        options = "".join(f", {name}={value}" for name, value, default in (
+            ("dilation", self.dilation, 1), ("groups", self.groups, 1)) if value != default)
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+                f"stride={self.stride}, padding={self.padding}{options}, bias={self.bias is not None}")
 
 
 class BatchNorm2d(Module):
@@ -180,3 +188,15 @@ class ModuleList(_ModuleSequence):
         super().__init__()
         for m in modules:
             self.append(m)
+
+
+class ReLU6(Module):
+    """min(max(x, 0), 6) (``md.relu6``).  ``inplace`` is accepted, as PyTorch's, and the
+    op runs out of place."""
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x):
+        return relu6(x)
