@@ -148,6 +148,7 @@ PUBLISHED = {
     "resnet110": 1_727_962,
     "resnet1202": "19.4M",
     "resnet18": 11_689_512,
+    "mobilenet_v2": 3_504_872,   # the MobileNetV2 paper's Table 3 gives "3.4M"; torchvision's exact count
     "resnet34": 21_797_672,
     "resnet50": 25_557_032,
     "resnet101": 44_549_160,
@@ -198,7 +199,7 @@ def test_densenet264_count_follows_the_formula_that_gives_the_published_counts()
 
 
 def test_names_cover_every_model_and_get_rejects_unknown_names():
-    assert set(models.list_models()) == set(PUBLISHED) | {"densenet264"}
+    assert set(models.list_models()) == set(PUBLISHED) | {"densenet264", "mobilenet_v2_cifar"}
     with pytest.raises(ValueError, match="unknown model 'densenet99'.*densenet121"):
         models.get("densenet99")
 
@@ -240,7 +241,7 @@ def test_bad_configurations_say_what_is_expected():
 SLOW_FORWARD = {"densenet100_k12", "densenet100_k24", "densenet_bc250_k24", "densenet_bc190_k40",
                 "resnet1202"}
 IMAGENET = {"densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
-            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2"}
 
 
 def check_output_shape(name):

@@ -13,6 +13,9 @@ torchvision builds the ImageNet DenseNets (121, 161, 169, 201) and ResNets (18, 
     stage2.block1.conv1                                                           layer2.0.conv1
     stage2.block1.shortcut.conv, .norm                                            layer2.0.downsample.0, .1
 
+MobileNetV2 (``mobilenet_v2``) is built under torchvision's own module names
+(``features.N...``, ``classifier.1``), so its names map to themselves.
+
 Two more differences.  torchvision's BatchNorm2d counts the batches it has seen
 (``num_batches_tracked``), which only matters with momentum=None: the counters are
 dropped on import and written as 0 on export.  And torchvision's ResNet-50/101/152
@@ -35,6 +38,7 @@ import numpy as np
 from .. import io, nn
 from ..autograd import Tensor
 from .densenet import DenseNet
+from .mobilenet import TABLE_2, MobileNetV2
 from .resnet import Bottleneck, ResNet, ZeroPadShortcut
 
 # minidense name -> torchvision name: the first rule whose pattern matches renames the prefix.
@@ -54,6 +58,7 @@ _RESNET_RULES = (  # torchvision numbers the blocks of a stage from 0
     (r"stage(\d+)\.block(\d+)\.", lambda m: f"layer{m[1]}.{int(m[2]) - 1}."),
     (r"classifier\.fc\.", "fc."),
 )
+_SAME_NAMES = ((r"", ""),)   # MobileNetV2: torchvision's names are its own
 # How the two namings are told apart: the top-level names each one uses.
 _TORCHVISION_PREFIXES = ("features.", "classifier.weight", "classifier.bias", "conv1.", "bn1.",
                          "layer", "fc.")
@@ -101,7 +106,12 @@ def _why_not_torchvision(model):
                     "paper; torchvision's ResNet-50/101/152 do it in the 3x3 one: build the "
                     "model with stride_in_3x3=True")
         return None
-    return f"it is a {type(model).__name__}, not a DenseNet or a ResNet"
+    if isinstance(model, MobileNetV2):
+        if model.first_stride != 2 or model.table != TABLE_2:
+            return ("it is a CIFAR MobileNetV2 (stride 1 in the first convolution and the first "
+                    "stride-2 sequence)")
+        return None
+    return f"it is a {type(model).__name__}, not a DenseNet, a ResNet or a MobileNetV2"
 
 
 def _rename(name, rules):
@@ -120,7 +130,8 @@ def torchvision_names(model, what="torchvision_names"):
     if why is not None:
         raise ValueError(f"{what}: torchvision has no counterpart of this model: {why}. Save it "
                          f"in minidense's names instead: md.save(model.state_dict(), path)")
-    rules = _DENSENET_RULES if isinstance(model, DenseNet) else _RESNET_RULES
+    rules = (_DENSENET_RULES if isinstance(model, DenseNet) else
+             _SAME_NAMES if isinstance(model, MobileNetV2) else _RESNET_RULES)
     names = OrderedDict()
     for module_name, module in model.named_modules():  # module order is torchvision's order
         own = list(module._parameters.items()) + list(module._buffers.items())
@@ -195,7 +206,8 @@ def load_weights(model, weights):
         k.endswith(".num_batches_tracked")
         and k[:-len("num_batches_tracked")] + "running_mean" in state))
     shown = None
-    if naming(state) == "torchvision":
+    # (A MobileNetV2's names are torchvision's: nothing to rename, CIFAR variant included.)
+    if naming(state) == "torchvision" and not isinstance(model, MobileNetV2):
         shown = OrderedDict((ours, theirs) for ours, theirs in torchvision_names(model, "load_weights").items()
                             if not ours.endswith(".num_batches_tracked"))
         ours_by_theirs = {theirs: ours for ours, theirs in shown.items()}
