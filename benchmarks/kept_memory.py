@@ -36,16 +36,8 @@ MIB = 2 ** 20
 def minidense_kept(model, x, y, md):
     """(bytes kept, bytes by op, bytes the depthwise convolutions keep, of which also
     kept by another op) after one forward, each allocation once."""
-    from minidense.autograd import Function
-    loss = md.cross_entropy(model(x), y)
-    nodes, stack, seen = [], [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        nodes.append(node)
-        stack.extend(e[0] for e in node.next_edges if e is not None and isinstance(e[0], Function))
+    from minidense.viz import _walk   # the graph's nodes, as md.to_dot draws them
+    nodes = _walk(md.cross_entropy(model(x), y).grad_fn)[0]
     owners = {}   # allocation id -> (nbytes, {op names})
     depthwise = set()
     for node in nodes:

@@ -1,6 +1,7 @@
 """MobileNetV2 (Sandler et al. 2018) in md.models: Table 2's layout and parameter count,
-the logits and gradients of an independent PyTorch build (benchmarks/torch_twins.py) in
-float64, torchvision's weights in and out, and the training command."""
+the logits of an independent PyTorch build (benchmarks/torch_twins.py) in float64 (the
+CIFAR variant's logits and gradients: tests/test_models.py's twins), torchvision's
+weights in and out, and the training command."""
 import sys
 from pathlib import Path
 
@@ -97,39 +98,6 @@ def test_imagenet_logits_against_the_pytorch_build():
         theirs = twin(torch.from_numpy(x)).numpy()
     assert np.abs(theirs).max() > 1e-2
     np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.torch
-def test_cifar_logits_and_gradients_against_the_pytorch_build():
-    """Training mode (batch statistics; no dropout on either side, its masks differ),
-    then eval mode with the running statistics that step left."""
-    torch = pytest.importorskip("torch")
-    import torch_twins
-    model = models.get("mobilenet_v2_cifar", dropout=0.0).double()
-    randomize_batch_norms(model, np.random.default_rng(0))
-    twin = twin_with_our_weights(model, torch_twins.torchvision_mobilenet_v2(10, cifar=True, dropout=0.0),
-                                 torch)
-    rng = np.random.default_rng(1)
-    x0 = rng.standard_normal((2, 3, 16, 16))
-    for training in (True, False):
-        model.train(training)
-        twin.train(training)
-        model.zero_grad()
-        twin.zero_grad()
-        x, xt = md.tensor(x0, requires_grad=True), torch.tensor(x0, requires_grad=True)
-        y, yt = model(x), twin(xt)
-        np.testing.assert_allclose(y.numpy(), yt.detach().numpy(), rtol=1e-9, atol=1e-11)
-        g = rng.standard_normal(y.shape)
-        y.backward(g)
-        yt.backward(torch.from_numpy(g))
-        np.testing.assert_allclose(x.grad.numpy(), xt.grad.numpy(), rtol=1e-8, atol=1e-11)
-        theirs = dict(twin.named_parameters())
-        for name, p in model.named_parameters():
-            np.testing.assert_allclose(p.grad.numpy(), theirs[name].grad.numpy(), rtol=1e-8, atol=1e-11,
-                                       err_msg=name)
-        buffers = dict(twin.named_buffers())
-        for name, b in model.named_buffers():
-            np.testing.assert_allclose(b.numpy(), buffers[name].numpy(), rtol=1e-12, atol=1e-14, err_msg=name)
 
 
 @pytest.mark.torch

@@ -429,6 +429,9 @@ TWINS = {
         lambda: models.ResNet(models.Bottleneck, (1, 1), (4, 8), "imagenet", num_classes=5,
                               stride_in_3x3=True),
         lambda twins: twins.resnet(True, (1, 1), (4, 8), True, "B", 5, stride_in_3x3=True), 16),
+    "mobilenet_v2 cifar": (   # no dropout: its masks differ between the frameworks
+        lambda: models.mobilenet_v2_cifar(dropout=0.0),
+        lambda twins: twins.torchvision_mobilenet_v2(10, cifar=True, dropout=0.0), 16),
 }
 
 
