@@ -38,6 +38,12 @@ def test_parameter_counts():
     assert models.get("mobilenet_v2", width_mult=0.5).num_parameters() == 1_968_680   # torchvision's
 
 
+def test_multiply_adds_match_the_papers_table_3():
+    """300M multiply-adds at 224x224 (Table 3), the depthwise ones counted per group."""
+    macs = md.summary(models.get("mobilenet_v2"), (3, 224, 224), show=False).total_macs
+    assert abs(macs / 1e6 - 300) < 1, macs
+
+
 @pytest.mark.parametrize("name, size, sizes", [
     ("mobilenet_v2", 64, (32, 32, 16, 8, 4, 4, 2, 2)),             # 224 -> 112, 56, 28, 14, 7
     ("mobilenet_v2_cifar", 32, (32, 32, 32, 16, 8, 8, 4, 4)),
