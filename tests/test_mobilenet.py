@@ -91,8 +91,8 @@ def randomize_batch_norms(model, rng):
 
 
 @pytest.mark.torch
-def test_imagenet_logits_against_the_pytorch_build():
-    torch = pytest.importorskip("torch")
+def test_imagenet_logits_against_the_pytorch_build(one_torch_thread):
+    torch = one_torch_thread
     import torch_twins
     model = models.get("mobilenet_v2").double().eval()
     randomize_batch_norms(model, np.random.default_rng(0))
@@ -107,8 +107,8 @@ def test_imagenet_logits_against_the_pytorch_build():
 
 
 @pytest.mark.torch
-def test_torchvision_weights_load_and_ours_export_to_torchvision(tmp_path):
-    torch = pytest.importorskip("torch")
+def test_torchvision_weights_load_and_ours_export_to_torchvision(tmp_path, one_torch_thread):
+    torch = one_torch_thread
     safetensors_torch = pytest.importorskip("safetensors.torch")
     import torch_twins
     torch.manual_seed(0)

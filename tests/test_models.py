@@ -437,8 +437,8 @@ TWINS = {
 
 @pytest.mark.torch
 @pytest.mark.parametrize("case", sorted(TWINS))
-def test_same_logits_and_gradients_as_the_pytorch_twin(case):
-    torch = pytest.importorskip("torch")
+def test_same_logits_and_gradients_as_the_pytorch_twin(case, one_torch_thread):
+    torch = one_torch_thread
     import torch_twins
     build_ours, build_theirs, size = TWINS[case]
     ours = build_ours().double()
