@@ -15,11 +15,15 @@ random 3x32x32 images, SGD with momentum 0.9:
   before the model was built (VmHWM - VmRSS, as benchmarks/memory.py), and for
   minidense the peak of NumPy's allocations during one more step under tracemalloc
   (which does not see PyTorch's).
+
+Results also go to ``benchmarks/results/kept-memory-cpu.json`` unless ``--json`` says
+otherwise, with the machine and the load average around the run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -133,11 +137,15 @@ def main(argv=None):
     parser.add_argument("--model", default="mobilenet_v2_cifar")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="threads of each process (default 1)")
+    parser.add_argument("--json", default=None,
+                        help="where to write the results (default benchmarks/results/kept-memory-cpu.json)")
     parser.add_argument("--child", choices=("minidense", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args.child, args.model, args.batch_size, args.threads)
         return
+    from ops import RESULTS_DIR, blas_description, finish_run, machine_description
+    load_before = os.getloadavg()
     results = {}
     for framework in ("minidense", "torch"):
         done = subprocess.run([sys.executable, __file__, "--child", framework, "--model", args.model,
@@ -155,7 +163,10 @@ def main(argv=None):
     print(f"peak over resident before the model (2 steps): minidense {ours['step_peak_mib']:.0f} MiB, "
           f"PyTorch {theirs['step_peak_mib']:.0f} MiB; minidense's NumPy allocations at their peak "
           f"during a step (tracemalloc): {ours['traced_step_peak_mib']:.0f} MiB")
-    print(json.dumps(results))
+    finish_run("benchmarks/kept_memory.py", machine_description("cpu", blas_description()),
+               {"model": args.model, "batch_size": args.batch_size, "threads": args.threads,
+                "dtype": "float32"}, load_before, results,
+               args.json or RESULTS_DIR / "kept-memory-cpu.json")
 
 
 if __name__ == "__main__":
