@@ -149,6 +149,20 @@ def test_the_depthwise_path_gives_the_same_numbers_for_any_thread_count(threads)
     np.testing.assert_allclose(results[0][2], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("side", [4, 9])
+def test_pointwise_gradients_on_small_maps_and_large(side):
+    """1x1 convolutions take their weight gradient as one product over the batch on maps
+    under 64 pixels, as one product per image on larger ones: both against the loops."""
+    rng = np.random.default_rng(side)
+    x0, w0 = rng.standard_normal((3, 5, side, side)), rng.standard_normal((7, 5, 1, 1))
+    gy = rng.standard_normal((3, 7, side, side))
+    x, w = tensors_from(x0, w0)
+    md.conv2d(x, w).backward(gy)
+    gx, gw = conv2d_loops_backward(x0, w0, gy)
+    np.testing.assert_allclose(x.grad.numpy(), gx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(w.grad.numpy(), gw, rtol=1e-12, atol=1e-12)
+
+
 def test_nn_conv2d_takes_pytorchs_signature():
     conv = md.nn.Conv2d(8, 16, 3, 2, 1, 2, 4, False)   # stride, padding, dilation, groups, bias
     assert conv.weight.shape == (16, 2, 3, 3) and conv.bias is None
