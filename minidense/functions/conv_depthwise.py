@@ -18,11 +18,6 @@ rows ky*dy, ky*dy + sy, ..., columns kx*dx, kx*dx + sx, ... of the zero-padded i
     gw[o, 0, ky, kx] = sum over n, i, j of gy[n, o, i, j] * window(x_pad[n, o // m], ky, kx)[i, j]
     window(gx_pad[n, c], ky, kx) += sum over the m outputs o of c of w[o, 0, ky, kx] * gy[n, o]
 
-With stride 1 and one output per channel, gx is itself a depthwise convolution: of gy,
-zero-padded by the kernel's reach less the padding, with the kernel turned 180 degrees
-(the transposed convolution), so it takes ``forward``'s path (a pass fewer than adding
-into a zeroed gx_pad).
-
 Keeps: x and w (no patch matrix, no padded copy).
 
 * NumPy: a few images at a time (``threads.pieces``, about half a core's L2 cache), so
@@ -84,16 +79,7 @@ def backward(x, w, gy, stride, padding, dilation, want_gx, want_gw):
     dtype = np.result_type(x, w, gy)
     if backend.device_of(gy) != "cpu":
         return _backward_cuda(x, w, gy, geometry, want_gx, want_gw, dtype)
-    gx = None
-    if want_gx and geometry.transposed_is_depthwise():
-        reach = ((geometry.kh - 1) * geometry.dilation[0], (geometry.kw - 1) * geometry.dilation[1])
-        gx = forward(gy, w[:, :, ::-1, ::-1], (1, 1), (reach[0] - geometry.padding[0],
-                                                       reach[1] - geometry.padding[1]), geometry.dilation)
-        if not want_gw:
-            return gx, None
-        want_gx = False
-    elif want_gx:
-        gx = xp.empty(x.shape, dtype=x.dtype)
+    gx = xp.empty(x.shape, dtype=x.dtype) if want_gx else None
     tap_weights = geometry.tap_weights(w)
     ph, pw = geometry.padding
     h, wd = x.shape[2:]
@@ -191,13 +177,6 @@ class _Geometry:
         self.layout = ("channels_last" if self.w < self.NARROW else
                        "wide" if self.stride == (1, 1) else "rows")
         self.columns = self.padded_shape[2] if self.layout == "wide" else self.ow   # per output row
-
-    def transposed_is_depthwise(self):
-        """True when gx is the depthwise convolution of gy with the kernel turned 180
-        degrees: stride 1, one output per channel, padding within the kernel's reach."""
-        (dy, dx), (ph, pw) = self.dilation, self.padding
-        return (self.stride == (1, 1) and self.m == 1 and ph <= (self.kh - 1) * dy
-                and pw <= (self.kw - 1) * dx)
 
     def scalars(self):
         """The geometry as the CUDA kernels take it."""
