@@ -60,8 +60,13 @@ def test_grouped_and_dilated_against_torch(case):
 @pytest.mark.torch
 @given(case=conv_cases(max_channels=3, depthwise=True, max_groups=6, max_dilation=3, max_side=9))
 def test_depthwise_against_torch(case):
-    """Channel multipliers 1 to 3 (out_channels = m * in_channels), dilations 1 to 3."""
-    compare_with_torch(case)
+    """Channel multipliers 1 to 3 (out_channels = m * in_channels), dilations 1 to 3; the
+    NumPy path in both its layouts (NCHW, and channels-last as on narrow maps)."""
+    from minidense.functions.conv_depthwise import _Geometry
+    for narrow in (0, 10 ** 6):   # maps narrower than this are laid out channels-last
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_Geometry, "NARROW", narrow)
+            compare_with_torch(case)
 
 
 def test_the_errors_name_the_numbers():

@@ -23,7 +23,8 @@ Keeps: x and w (no patch matrix, no padded copy).
 * NumPy: a few images at a time (``threads.pieces``, about half a core's L2 cache), so
   that the kh*kw passes over a piece find it in cache, the pieces spread over the
   thread pool; the per-piece weight gradients are added in piece order (the result
-  does not depend on the thread count).
+  does not depend on the thread count).  Narrow maps are laid out channels-last for
+  the passes (``_Geometry``).
 * CuPy: three kernels, registered below: the forward (one thread per output element),
   the input gradient (one per input element, a gather as col2im's, so no atomics) and
   the weight gradient (one per image, weight and tap, its sum over the output pixels;
@@ -56,18 +57,17 @@ def forward(x, w, stride, padding, dilation):
     def piece(images):
         x_pad = geometry.padded(x, images, "depthwise_x")
         target = geometry.per_channel(y[images])                     # (p, C, m, OH, OW)
-        shape = target.shape[:-1] + (geometry.columns,)
-        out = target if geometry.layout == "rows" else geometry.buffer("depthwise_y", shape, y.dtype, x)
-        product = geometry.buffer("depthwise_product", shape, y.dtype, x)
+        out = geometry.buffer("depthwise_y", target.shape, y.dtype, x) if geometry.channels_last else target
+        product = geometry.buffer("depthwise_product", target.shape, y.dtype, x)
         for k, (ky, kx) in enumerate(geometry.taps):
-            window = geometry.window(x_pad, ky, kx)[:, :, None]      # (p, C, 1, OH, columns)
+            window = geometry.window(x_pad, ky, kx)[:, :, None]      # (p, C, 1, OH, OW)
             if k == 0:
                 np.multiply(window, tap_weights[k], out=out)
             else:
                 np.multiply(window, tap_weights[k], out=product)
                 out += product
         if out is not target:
-            target[...] = out[..., :geometry.ow]
+            target[...] = out
     threads.map_pieces(piece, geometry.pieces(y))
     return y
 
@@ -86,17 +86,14 @@ def backward(x, w, gy, stride, padding, dilation, want_gx, want_gw):
 
     def piece(images):
         g = geometry.per_channel(gy[images])                         # (p, C, m, OH, OW)
-        if geometry.layout != "rows":   # laid out as the windows are, zero past column OW
-            laid_out = geometry.buffer("depthwise_gy", g.shape[:-1] + (geometry.columns,), dtype, x)
-            laid_out[..., geometry.ow:] = 0
-            laid_out[..., :geometry.ow] = g
-            g = laid_out
+        if geometry.channels_last:
+            g = geometry.copy_to_buffer(g, "depthwise_gy")
         part = None
         if want_gw:
             x_pad = geometry.padded(x, images, "depthwise_x")
             part = np.empty((len(geometry.taps), geometry.c, geometry.m), dtype=dtype)
         if want_gx:
-            gx_pad = geometry.padded_buffer("depthwise_gx", len(g), dtype, x)
+            gx_pad = geometry.buffer("depthwise_gx", (len(g),) + geometry.padded_shape, dtype, x)
             gx_pad[...] = 0
             product = geometry.buffer("depthwise_product", g.shape[:2] + g.shape[3:], dtype, x)
         for k, (ky, kx) in enumerate(geometry.taps):
@@ -142,25 +139,15 @@ class _Geometry:
     """The sizes of one depthwise convolution, its taps, the windows they read, and the
     layout of the NumPy path's buffers.
 
-    NumPy's loops run along the innermost axis, and their overhead is per loop: an
-    array of short rows runs several times slower than one long run.  In NCHW the
-    innermost axis is an image row (OW values), with one weight along it.  So:
-
-    * "wide" (NCHW, stride 1): the taps compute every output row Wp = W + 2*pw
-      columns wide, as if the padded image went on to the right: then the rows of a
-      window are contiguous in the padded image (a tap's window is the padded image
-      flattened, shifted by ky*dy*Wp + kx*dx), and NumPy runs one loop over each
-      channel's OH*Wp values.  The extra columns hold sums of padding and of the next
-      row's first pixels, and are dropped (the output gradient is zero there).
-    * "channels_last" (narrow maps, W < ``NARROW``; any stride): the buffers are NHWC,
-      so that the innermost axis is the channels, one weight each: long loops as the
-      layer is wide (4x4 maps ran 6x faster than in NCHW).  The copies in and out
-      transpose.
-    * "rows" (NCHW, strided, wide maps): strided windows of the padded image, rows of
-      OW values; the output is written in place.
-
-    Buffers are handed out as views in NCHW order, so that the tap loop is the same for
-    all three."""
+    NumPy's loops run along the innermost axis, and their overhead is per loop.  In
+    NCHW the innermost axis is an image row, with one weight along it; on maps narrower
+    than ``NARROW`` the rows are short and the loops' overhead dominates (4x4 maps ran
+    6x slower than channels-last).  There the buffers are laid out channels-last (NHWC):
+    the innermost axis is the channels, one weight each, as long as the layer is wide.
+    The buffers are handed out as views in NCHW order, so that the tap loop is the same
+    for both layouts; the copies in and out transpose.  On 32x32 maps channels-last
+    gains nothing and its transposes cost (1.2-1.5x slower), so NCHW stays: windows
+    are strided views of the padded images, and the output is written in place."""
 
     NARROW = 32
 
@@ -174,9 +161,7 @@ class _Geometry:
         self.ow = output_size(self.w, self.kw, sx, pw, dx)
         self.padded_shape = (self.c, self.h + 2 * ph, self.w + 2 * pw)
         self.taps = [(ky, kx) for ky in range(self.kh) for kx in range(self.kw)]
-        self.layout = ("channels_last" if self.w < self.NARROW else
-                       "wide" if self.stride == (1, 1) else "rows")
-        self.columns = self.padded_shape[2] if self.layout == "wide" else self.ow   # per output row
+        self.channels_last = self.w < self.NARROW
 
     def scalars(self):
         """The geometry as the CUDA kernels take it."""
@@ -197,40 +182,32 @@ class _Geometry:
     def pieces(self, like):
         """Slices of the batch of about ``threads.PIECE_BYTES`` of padded input and output."""
         itemsize = np.dtype(like.dtype).itemsize
-        per_image = (np.prod(self.padded_shape) + self.o * self.oh * self.columns) * itemsize
+        per_image = (np.prod(self.padded_shape) + self.o * self.oh * self.ow) * itemsize
         return threads.pieces(self.n, int(per_image))
 
     def buffer(self, name, shape, dtype, like):
-        """A workspace buffer of ``shape`` (p, C, ..., rows, columns), stored NHWC in the
-        channels-last layout, as a view in the order of ``shape``."""
-        if self.layout != "channels_last":
+        """A workspace buffer of ``shape`` (p, C, ..., rows, columns), stored NHWC when
+        ``channels_last``, as a view in the order of ``shape``."""
+        if not self.channels_last:
             return workspace.get(name, shape, dtype, like)
         channel_axes = list(range(1, len(shape) - 2))
         order = [0, len(shape) - 2, len(shape) - 1] + channel_axes             # NHWC
         stored = workspace.get(name, tuple(shape[a] for a in order), dtype, like)
         return stored.transpose(np.argsort(order))
 
-    def padded_buffer(self, name, images, dtype, like):
-        """A buffer for ``images`` padded images (p, C, Hp, Wp).  In the wide layout the
-        windows run past its end (into columns that are dropped): there it is cut from
-        a longer flat buffer whose tail is zero."""
-        shape = (images,) + self.padded_shape
-        if self.layout != "wide":
-            return self.buffer(name, shape, dtype, like)
-        size = int(np.prod(shape))
-        (dy, dx), wp = self.dilation, self.padded_shape[2]
-        flat = workspace.get(name, (size + (self.kh - 1) * dy * wp + (self.kw - 1) * dx,), dtype, like)
-        flat[size:] = 0
-        return flat[:size].reshape(shape)
+    def copy_to_buffer(self, a, name):
+        out = self.buffer(name, a.shape, a.dtype, a)
+        out[...] = a
+        return out
 
     def padded(self, x, images, name):
         """Images ``images`` of x with their zero padding: a view of x itself when no copy
-        is needed (no padding, rows layout), else a copy into the buffer ``name``."""
+        is needed (no padding, NCHW), else a copy into the buffer ``name``."""
         (ph, pw) = self.padding
         part = x[images]
-        if ph == pw == 0 and self.layout == "rows":
-            return part
-        out = self.padded_buffer(name, len(part), part.dtype, x)
+        if ph == pw == 0:
+            return self.copy_to_buffer(part, name) if self.channels_last else part
+        out = self.buffer(name, (len(part),) + self.padded_shape, part.dtype, x)
         out[:, :, :ph] = 0
         out[:, :, ph + self.h:] = 0
         out[:, :, ph:ph + self.h, :pw] = 0
@@ -240,13 +217,9 @@ class _Geometry:
 
     def window(self, padded, ky, kx):
         """What tap (ky, kx) reads of ``padded`` (p, C, H + 2ph, W + 2pw) for every output
-        pixel: a strided view (p, C, OH, columns)."""
+        pixel: a strided view (p, C, OH, OW)."""
         (sy, sx), (dy, dx) = self.stride, self.dilation
         top, left = ky * dy, kx * dx
-        if self.layout == "wide":   # rows Wp wide, running on into the next row (see above)
-            corner = padded[:, :, top:, left:]
-            return np.lib.stride_tricks.as_strided(
-                corner, corner.shape[:2] + (self.oh, self.columns), padded.strides)
         return padded[:, :, top:top + sy * (self.oh - 1) + 1:sy, left:left + sx * (self.ow - 1) + 1:sx]
 
 
