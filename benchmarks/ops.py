@@ -67,6 +67,18 @@ def conv_case(n, c, hw, o, k, stride, pad):
     return "conv2d", shape, goal, build
 
 
+def depthwise_conv_case(n, c, hw, stride):
+    """A 3x3 depthwise convolution (groups = channels), as MobileNetV2's."""
+    shape = f"{n}x{c}x{hw}x{hw}, 3x3 depthwise, stride {stride}, pad 1"
+
+    def build(rng):
+        arrays = [rng.standard_normal((n, c, hw, hw), dtype=np.float32),
+                  rng.standard_normal((c, 1, 3, 3), dtype=np.float32) * np.float32((2 / 9) ** 0.5)]
+        return arrays, (lambda x, w: md.conv2d(x, w, stride=stride, padding=1, groups=c),
+                        lambda x, w: F.conv2d(x, w, stride=stride, padding=1, groups=c))
+    return "depthwise_conv2d", shape, None, build
+
+
 def batch_norm_case(n, c, hw):
     def build(rng):
         arrays = [rng.standard_normal((n, c, hw, hw), dtype=np.float32),
@@ -115,6 +127,11 @@ CASES = [
     conv_case(64, 200, 32, 48, 1, 1, 0),   # DenseNet-BC bottleneck
     conv_case(64, 16, 32, 32, 3, 2, 1),    # ResNet-20's own stride-2 convs
     conv_case(64, 32, 16, 64, 3, 2, 1),
+    depthwise_conv_case(64, 144, 32, 1),   # MobileNetV2 (CIFAR): the widest map...
+    depthwise_conv_case(64, 144, 32, 2),
+    depthwise_conv_case(64, 192, 16, 1),
+    depthwise_conv_case(64, 384, 8, 1),
+    depthwise_conv_case(64, 960, 4, 1),    # ...and the last
     batch_norm_case(64, 48, 32),
     batch_norm_case(64, 64, 8),
     concat_case(64, 16, 12, 32),           # DenseNet dense connectivity, first layer...

@@ -10,10 +10,12 @@ Shared by tests/test_models.py (logits and gradients agree) and
 benchmarks/train_step.py (the side-by-side training step).  Importing this module
 needs torch.
 
-``torchvision(name)`` builds torchvision's ImageNet DenseNets and ResNets with
-torchvision's own module names and layout (torchvision 0.29's models/densenet.py and
-models/resnet.py, without their options), for tests/test_pretrained.py: torchvision
-itself does not import beside the CPU build of torch these machines have.
+``torchvision(name)`` builds torchvision's ImageNet DenseNets, ResNets and MobileNetV2
+with torchvision's own module names and layout (torchvision 0.29's models/densenet.py,
+models/resnet.py and models/mobilenetv2.py, without their options), for
+tests/test_pretrained.py: torchvision itself does not import beside the CPU build of
+torch these machines have.  minidense's MobileNetV2 has torchvision's names, so its
+CIFAR twin is the same code with CIFAR's strides.
 """
 import math
 from collections import OrderedDict
@@ -165,6 +167,7 @@ def resnet_cifar(depth, shortcut="A", classes=10):
 
 # The CIFAR models of the papers' tables, by their md.models names.
 CIFAR = {
+    "mobilenet_v2_cifar": lambda: torchvision_mobilenet_v2(num_classes=10, cifar=True),
     "densenet40_k12": lambda: densenet_cifar(40, 12),
     "densenet100_k12": lambda: densenet_cifar(100, 12),
     "densenet100_k24": lambda: densenet_cifar(100, 24),
@@ -298,7 +301,60 @@ def torchvision_resnet(bottleneck, layers, num_classes=1000):
     return ResNet()
 
 
+def torchvision_mobilenet_v2(num_classes=1000, cifar=False, dropout=0.2):
+    """torchvision.models.MobileNetV2 at width 1: ``features`` holds the first
+    Conv2dNormActivation (conv, BN, ReLU6), 17 InvertedResiduals (``conv``: [the 1x1
+    expansion (conv, BN, ReLU6)], the 3x3 depthwise one (conv, BN, ReLU6), the 1x1
+    projection conv and its BN) and the last 1x1 Conv2dNormActivation; ``classifier`` is
+    Dropout then Linear.  ``cifar``: stride 1 in the first convolution and in the first
+    stride-2 sequence."""
+    nn, F = torch.nn, torch.nn.functional
+    # t, c, n, s (Sandler et al. 2018, Table 2; torchvision's inverted_residual_setting)
+    setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1],
+               [6, 160, 3, 2], [6, 320, 1, 1]]
+    if cifar:
+        setting[1][3] = 1
+
+    def conv_norm_activation(c_in, c_out, kernel, stride=1, groups=1):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups,
+                                       bias=False),
+                             nn.BatchNorm2d(c_out), nn.ReLU6(inplace=True))
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, inp, oup, stride, expand_ratio):
+            super().__init__()
+            hidden_dim = int(round(inp * expand_ratio))
+            self.use_res_connect = stride == 1 and inp == oup
+            layers = [conv_norm_activation(inp, hidden_dim, 1)] if expand_ratio != 1 else []
+            layers += [conv_norm_activation(hidden_dim, hidden_dim, 3, stride, groups=hidden_dim),
+                       nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup)]
+            self.conv = nn.Sequential(*layers)
+
+        def forward(self, x):
+            return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+    class MobileNetV2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            input_channel, last_channel = 32, 1280
+            features = [conv_norm_activation(3, input_channel, 3, 1 if cifar else 2)]
+            for t, c, n, s in setting:
+                for i in range(n):
+                    features.append(InvertedResidual(input_channel, c, s if i == 0 else 1, t))
+                    input_channel = c
+            features.append(conv_norm_activation(input_channel, last_channel, 1))
+            self.features = nn.Sequential(*features)
+            self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(last_channel, num_classes))
+
+        def forward(self, x):
+            x = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+            return self.classifier(torch.flatten(x, 1))
+
+    return MobileNetV2()
+
+
 TORCHVISION = {
+    "mobilenet_v2": lambda **kw: torchvision_mobilenet_v2(**kw),
     "densenet121": lambda **kw: torchvision_densenet(32, (6, 12, 24, 16), 64, **kw),
     "densenet161": lambda **kw: torchvision_densenet(48, (6, 12, 36, 24), 96, **kw),
     "densenet169": lambda **kw: torchvision_densenet(32, (6, 12, 32, 32), 64, **kw),

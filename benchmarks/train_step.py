@@ -1,6 +1,7 @@
 """Time a whole training step of the CIFAR models against PyTorch.
 
-    python benchmarks/train_step.py                        # CPU: 4 models, batch 64 and 128
+    python benchmarks/train_step.py                        # CPU: 5 models, batch 64 and 128
+    python benchmarks/train_step.py --models mobilenet_v2_cifar --batch-sizes 64 --clock cpu
     python benchmarks/train_step.py --models resnet20 --batch-sizes 32 --steps 10
     python benchmarks/train_step.py --interleaved          # both frameworks in one process
     python benchmarks/train_step.py --device cuda          # minidense on CuPy, PyTorch on CUDA
@@ -21,7 +22,8 @@ zero_grad, backward and an SGD step with momentum 0.9, in float32 and training m
 on random data of CIFAR's shape (3x32x32, 10 classes).  PyTorch runs the twin of each
 model (benchmarks/torch_twins.py: the same architecture and module names) loaded with
 minidense's initial weights, so both start from identical networks; the logits of one
-batch are compared once before timing.  The two frameworks take turns step by step, so
+batch are compared once before timing (with dropout off: MobileNetV2's masks differ
+between the frameworks).  The two frameworks take turns step by step, so
 that other programs on the machine slow both alike, and the median of the timed steps
 after warm-up is reported with the ratio of the minimums beside it (see
 benchmarks/ops.py).  PyTorch gets as many threads as minidense's BLAS uses.  The ratio
@@ -41,6 +43,7 @@ after that long (the GPU run's budget), and the JSON holds the cases that ran.  
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -64,11 +67,12 @@ from minidense import process  # noqa: E402
 if torch is not None:
     import torch_twins
 
-MODELS = ("resnet20", "resnet56", "densenet40_k12", "densenet_bc100_k12")
+MODELS = ("resnet20", "resnet56", "densenet40_k12", "densenet_bc100_k12", "mobilenet_v2_cifar")
 DEFAULT_BATCH_SIZES = {"cpu": "64,128", "cuda": "64,256"}
 # Timed steps per framework unless --steps says otherwise: few for the DenseNets, whose
 # CPU steps take seconds, so that the default CPU run stays within about 5 minutes.
-DEFAULT_STEPS = {"cpu": {"resnet20": 5, "resnet56": 5, "densenet40_k12": 3, "densenet_bc100_k12": 3},
+DEFAULT_STEPS = {"cpu": {"resnet20": 5, "resnet56": 5, "densenet40_k12": 3, "densenet_bc100_k12": 3,
+                         "mobilenet_v2_cifar": 3},
                  "cuda": {}}
 DEFAULT_STEPS_ELSEWHERE = {"cpu": 3, "cuda": 20}
 NUM_CLASSES = 10
@@ -99,7 +103,7 @@ class MinidenseTrainer:
         self.optimizer.step()
 
     def logits(self):
-        with md.no_grad():
+        with md.no_grad(), dropout_off(self.model, md.nn.Dropout):
             return md.backend.to_numpy(self.model(self.images).data)
 
     def synchronize(self):
@@ -143,7 +147,7 @@ class TorchTrainer:
         self.optimizer.step()
 
     def logits(self):
-        with torch.no_grad():
+        with torch.no_grad(), dropout_off(self.model, torch.nn.Dropout):
             return self.model(self.images).cpu().numpy()
 
     def synchronize(self):
@@ -163,6 +167,19 @@ class TorchTrainer:
 
     def timer(self):
         return TorchTimer() if self.device == "cuda" else md.backend.Timer("cpu")
+
+
+@contextlib.contextmanager
+def dropout_off(model, dropout_class):
+    """The model's dropout layers in eval mode inside the block (the rest as it is)."""
+    dropouts = [m for m in model.modules() if isinstance(m, dropout_class) and m.training]
+    for m in dropouts:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in dropouts:
+            m.train()
 
 
 class TorchTimer:

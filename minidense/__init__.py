@@ -13,8 +13,8 @@ from .fast_paths import plain_ops
 from .functions import (
     CONV_ALGORITHMS, abs, add, amax, amin, argmax, argmin, avg_pool2d, batch_norm, batch_norm_relu,
     cat, chunk, clamp, clip, clone, concat, concatenate, conv2d, conv_algorithm, cross_entropy, div,
-    dropout, exp, flatten, global_avg_pool2d, linear, log, log_softmax, matmul, max, max_pool2d,
-    mean, min, mul, neg, norm, permute, pow, relu, reshape, sigmoid, softmax, split, sqrt, squeeze,
+    dropout, exp, flatten, global_avg_pool2d, hardtanh, linear, log, log_softmax, matmul, max, max_pool2d,
+    mean, min, mul, neg, norm, permute, pow, relu, relu6, reshape, sigmoid, softmax, split, sqrt, squeeze,
     stack, sub, sum, tanh, transpose, unflatten, unsqueeze,
 )
 from .creation import (arange, as_tensor, double, empty, float16, float32, float64, from_numpy, full,

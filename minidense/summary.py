@@ -37,13 +37,13 @@ class ModelSummary:
 def layer_macs(module, inputs, output) -> int:
     """Multiply-accumulates of one call of ``module``, per image.  Convolutions and linear
     layers: each output element costs one MAC per weight it sees (padding included, as
-    the papers count); normalisation, activations and pooling count as none."""
+    the papers count; a grouped convolution's output sees one group's channels); normalisation, activations and pooling count as none."""
     if not isinstance(output, Tensor) or output.ndim == 0:
         return 0
     per_image = output.numel() // output.shape[0]
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d):   # an output sees its group's in_channels / groups
         kh, kw = module.kernel_size
-        return per_image * module.in_channels * kh * kw
+        return per_image * module.in_channels // module.groups * kh * kw
     if isinstance(module, nn.Linear):
         return per_image * module.in_features
     return 0

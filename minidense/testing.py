@@ -72,44 +72,53 @@ def broadcastable_shapes(max_dims=3, max_side=4):
     return build()
 
 
-def conv2d_loops(x, w, b=None, stride=(1, 1), padding=(0, 0)):
+def conv2d_loops(x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     """conv2d by its definition, the reference every algorithm is tested against:
     ``y[n, o, i, j] = b[o] + sum over c, ky, kx of w[o, c, ky, kx] *
-    x[n, c, i*sy + ky - ph, j*sx + kx - pw]`` (x read as zero outside the image).
-    Plain loops over output pixels and taps; it shares no code with the ops."""
+    x[n, g*C/G + c, i*sy + ky*dy - ph, j*sx + kx*dx - pw]`` (x read as zero outside the
+    image), where output channel o belongs to group g = o // (O/G) and reads only that
+    group's C/G input channels; (dy, dx) is the dilation, the spacing of the taps.
+    Plain loops over groups, output pixels and taps; it shares no code with the ops."""
     n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    (sy, sx), (ph, pw) = stride, padding
-    oh, ow = (h + 2 * ph - kh) // sy + 1, (wd + 2 * pw - kw) // sx + 1
+    o, cg, kh, kw = w.shape
+    (sy, sx), (ph, pw), (dy, dx) = stride, padding, dilation
+    og = o // groups
+    oh = (h + 2 * ph - dy * (kh - 1) - 1) // sy + 1
+    ow = (wd + 2 * pw - dx * (kw - 1) - 1) // sx + 1
     y = np.zeros((n, o, oh, ow), dtype=np.result_type(x, w))
-    for i in range(oh):
-        for j in range(ow):
-            for ky in range(kh):
-                for kx in range(kw):
-                    row, col = i * sy + ky - ph, j * sx + kx - pw
-                    if 0 <= row < h and 0 <= col < wd:   # else: a zero of the padding
-                        y[:, :, i, j] += x[:, :, row, col] @ w[:, :, ky, kx].T
+    for g in range(groups):
+        ins, outs = slice(g * cg, (g + 1) * cg), slice(g * og, (g + 1) * og)
+        for i in range(oh):
+            for j in range(ow):
+                for ky in range(kh):
+                    for kx in range(kw):
+                        row, col = i * sy + ky * dy - ph, j * sx + kx * dx - pw
+                        if 0 <= row < h and 0 <= col < wd:   # else: a zero of the padding
+                            y[:, outs, i, j] += x[:, ins, row, col] @ w[outs, :, ky, kx].T
     if b is not None:
         y += b.reshape(1, o, 1, 1)
     return y
 
 
-def conv2d_loops_backward(x, w, gy, stride=(1, 1), padding=(0, 0)):
+def conv2d_loops_backward(x, w, gy, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     """(dx, dw) of ``conv2d_loops`` for the output gradient ``gy``, by the same loops:
     every product ``w[o, c, ky, kx] * x[n, c, row, col]`` sends ``gy[n, o, i, j]`` times
     the other factor to each factor's gradient."""
     n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    (sy, sx), (ph, pw) = stride, padding
+    o, cg, kh, kw = w.shape
+    (sy, sx), (ph, pw), (dy, dx) = stride, padding, dilation
+    og = o // groups
     gx, gw = np.zeros_like(x), np.zeros_like(w)
-    for i in range(gy.shape[2]):
-        for j in range(gy.shape[3]):
-            for ky in range(kh):
-                for kx in range(kw):
-                    row, col = i * sy + ky - ph, j * sx + kx - pw
-                    if 0 <= row < h and 0 <= col < wd:
-                        gx[:, :, row, col] += gy[:, :, i, j] @ w[:, :, ky, kx]
-                        gw[:, :, ky, kx] += gy[:, :, i, j].T @ x[:, :, row, col]
+    for g in range(groups):
+        ins, outs = slice(g * cg, (g + 1) * cg), slice(g * og, (g + 1) * og)
+        for i in range(gy.shape[2]):
+            for j in range(gy.shape[3]):
+                for ky in range(kh):
+                    for kx in range(kw):
+                        row, col = i * sy + ky * dy - ph, j * sx + kx * dx - pw
+                        if 0 <= row < h and 0 <= col < wd:
+                            gx[:, ins, row, col] += gy[:, outs, i, j] @ w[outs, :, ky, kx]
+                            gw[outs, :, ky, kx] += gy[:, outs, i, j].T @ x[:, ins, row, col]
     return gx, gw
 
 
@@ -201,24 +210,42 @@ class ConvCase:
     b: np.ndarray | None
     stride: tuple
     padding: tuple
+    dilation: tuple = (1, 1)
+    groups: int = 1
+
+    @property
+    def options(self) -> dict:
+        """stride, padding, dilation and groups, as keyword arguments of conv2d (and of
+        ``conv2d_loops``)."""
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=self.groups)
 
 
 @st.composite
-def conv_cases(draw, max_batch=3, max_channels=4, max_side=7, max_kernel=3, bias=None):
+def conv_cases(draw, max_batch=3, max_channels=4, max_side=7, max_kernel=3, bias=None,
+               max_groups=1, max_dilation=1, depthwise=False):
     """Inputs and hyperparameters of a conv2d whose output is at least 1x1: non-square
-    images and kernels, stride 1-3, padding 0-2, 1x1 kernels, batch of 1."""
+    images and kernels, stride 1-3, padding 0-2, 1x1 kernels, batch of 1.  With
+    ``max_groups`` > 1, grouped convolutions too: 1 to ``max_groups`` groups of 1 to
+    ``max_channels`` input and output channels each (one input channel per group is the
+    depthwise case; ``depthwise=True`` draws only that); with ``max_dilation`` > 1, taps
+    1 to ``max_dilation`` apart."""
     n = draw(st.integers(1, max_batch))
-    c = draw(st.integers(1, max_channels))
-    o = draw(st.integers(1, max_channels))
+    groups = draw(st.integers(1, max_groups))
+    c = groups * (1 if depthwise else draw(st.integers(1, max_channels)))
+    o = groups * draw(st.integers(1, max_channels))
     kh, kw = draw(st.integers(1, max_kernel)), draw(st.integers(1, max_kernel))
+    dy, dx = draw(st.integers(1, max_dilation)), draw(st.integers(1, max_dilation))
     ph, pw = draw(st.integers(0, min(2, kh))), draw(st.integers(0, min(2, kw)))
     sy, sx = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    h = draw(st.integers(max(1, kh - 2 * ph), max_side))
-    w = draw(st.integers(max(1, kw - 2 * pw), max_side))
+    # the dilated kernel spans dy*(kh - 1) + 1 rows: the padded image must hold it
+    h = draw(st.integers(max(1, dy * (kh - 1) + 1 - 2 * ph), max(max_side, dy * (kh - 1) + 1)))
+    w = draw(st.integers(max(1, dx * (kw - 1) + 1 - 2 * pw), max(max_side, dx * (kw - 1) + 1)))
     use_bias = draw(st.booleans()) if bias is None else bias
     return ConvCase(
-        x=draw(arrays((n, c, h, w))), w=draw(arrays((o, c, kh, kw), -1, 1)),
-        b=draw(arrays((o,))) if use_bias else None, stride=(sy, sx), padding=(ph, pw))
+        x=draw(arrays((n, c, h, w))), w=draw(arrays((o, c // groups, kh, kw), -1, 1)),
+        b=draw(arrays((o,))) if use_bias else None, stride=(sy, sx), padding=(ph, pw),
+        dilation=(dy, dx), groups=groups)
 
 
 @dataclass

@@ -97,6 +97,18 @@ def _seeded():
     yield
 
 
+@pytest.fixture
+def one_torch_thread():
+    """PyTorch on one thread for the test (then as before), for deep PyTorch twins: on a
+    machine whose cores other programs hold, its OpenMP threads wait for each other at
+    every op (MobileNetV2's twin: 0.9 s on one thread, 11 to 28 s on two at load 6)."""
+    torch = pytest.importorskip("torch")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(previous)
+
+
 def cifar10_zip():
     """Path of the CIFAR-10 JPEG zip named by MINIDENSE_CIFAR10, or None."""
     value = os.environ.get("MINIDENSE_CIFAR10")

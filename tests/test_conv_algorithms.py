@@ -1,6 +1,6 @@
 """Every conv2d algorithm (md.CONV_ALGORITHMS) against the naive loops of
-minidense.testing, on hypothesis-drawn geometries, in float64 and float32; choosing an
-algorithm with md.conv_algorithm; and the workspace."""
+minidense.testing, on hypothesis-drawn geometries (groups and dilation included), in
+float64 and float32; choosing an algorithm with md.conv_algorithm; and the workspace."""
 
 import numpy as np
 import pytest
@@ -17,22 +17,26 @@ def run(algorithm, case, dtype, gy):
     inputs = [x, w] + ([md.tensor(case.b.astype(dtype), requires_grad=True)]
                        if case.b is not None else [])
     with md.conv_algorithm(algorithm):
-        y = md.conv2d(*inputs, stride=case.stride, padding=case.padding)
+        y = md.conv2d(*inputs, **case.options)
     y.backward(gy.astype(dtype))   # outside the block: the op keeps its algorithm
     return [y.numpy()] + [t.grad.numpy() for t in inputs]
 
 
 def expected(case, gy):
-    y = conv2d_loops(case.x, case.w, case.b, case.stride, case.padding)
-    gx, gw = conv2d_loops_backward(case.x, case.w, gy, case.stride, case.padding)
+    y = conv2d_loops(case.x, case.w, case.b, **case.options)
+    gx, gw = conv2d_loops_backward(case.x, case.w, gy, **case.options)
     return [y, gx, gw] + ([gy.sum(axis=(0, 2, 3))] if case.b is not None else [])
 
 
 @pytest.mark.parametrize("algorithm", md.CONV_ALGORITHMS)
-@given(case=conv_cases(max_channels=5, max_side=8, max_kernel=4), seed=st.integers(0, 2**16))
-def test_every_algorithm_matches_the_naive_loops(algorithm, case, seed):
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_every_algorithm_matches_the_naive_loops(algorithm, data, seed):
+    """Groups (1 to 3, depthwise among them) and dilations (1 to 2) included; the
+    depthwise algorithm on depthwise convolutions, the only ones it computes."""
+    case = data.draw(conv_cases(max_channels=5, max_side=8, max_kernel=4, max_groups=3,
+                                max_dilation=2, depthwise=algorithm == "depthwise"))
     gy = np.random.default_rng(seed).standard_normal(
-        conv2d_loops(case.x, case.w, None, case.stride, case.padding).shape)
+        conv2d_loops(case.x, case.w, None, **case.options).shape)
     want = expected(case, gy)
     for name, got, ref in zip(("y", "gx", "gw", "gb"), run(algorithm, case, np.float64, gy), want):
         np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12, err_msg=f"{algorithm}: {name}")

@@ -131,12 +131,21 @@ def test_conv2d_both_arguments(case):
     check(lambda x, w: md.conv2d(x, w, stride=case.stride, padding=case.padding) ** 2, [x, w])
 
 
+@settings(max_examples=6)
+@given(case=conv_cases(max_batch=2, max_channels=2, max_side=6, max_groups=3, max_dilation=2))
+def test_conv2d_groups_and_dilation(case):
+    x, w = T(case.x, case.w)
+    check(lambda x, w: md.conv2d(x, w, stride=case.stride, padding=case.padding,
+                                 dilation=case.dilation, groups=case.groups) ** 2, [x, w])
+
+
 @pytest.mark.parametrize("algorithm", md.CONV_ALGORITHMS)
 def test_conv2d_every_algorithm(algorithm):
     rng = np.random.default_rng(0)
-    x, w = T(rng.normal(size=(2, 2, 5, 5)), rng.normal(size=(3, 2, 3, 3)))
+    groups = 2 if algorithm == "depthwise" else 1
+    x, w = T(rng.normal(size=(2, 2, 5, 5)), rng.normal(size=(4 if groups == 2 else 3, 2 // groups, 3, 3)))
     with md.conv_algorithm(algorithm):
-        check(lambda x, w: md.conv2d(x, w, padding=1) ** 2, [x, w])
+        check(lambda x, w: md.conv2d(x, w, padding=1, groups=groups) ** 2, [x, w])
 
 
 @given(data=st.data())

@@ -232,10 +232,11 @@ def test_cuda_im2col_indexes_past_2_31_elements():
     start = size - 4096
     expected = np.array([_im2col_element(k, *geometry) for k in range(start, size)])
     out = np.empty(size - start)
-    cuda_emulation.run(chosen["name"], (np.empty(1), *geometry, True, 0.0, out), start=start, stop=size,
+    dilation = (1, 1)
+    cuda_emulation.run(chosen["name"], (np.empty(1), *geometry, *dilation, True, 0.0, out), start=start, stop=size,
                        virtual_raw=True)
     np.testing.assert_array_equal(out, expected)
-    cuda_emulation.run("im2col_i32", (np.empty(1), *geometry, True, 0.0, out), start=start, stop=size,
+    cuda_emulation.run("im2col_i32", (np.empty(1), *geometry, *dilation, True, 0.0, out), start=start, stop=size,
                        virtual_raw=True)
     assert not np.array_equal(out, expected)  # what the test guards against
 
@@ -255,7 +256,8 @@ def test_cuda_col2im_indexes_past_2_31_elements():
         assert backend.index_kernel("col2im", image_size, col_size) == name
     start = image_size - 2048
     out = np.empty(image_size - start)
-    cuda_emulation.run(name, (np.empty(1), *geometry, True, out), start=start, stop=image_size,
+    dilation = (1, 1)
+    cuda_emulation.run(name, (np.empty(1), *geometry, *dilation, True, out), start=start, stop=image_size,
                        virtual_raw=True)
     expected = []
     for k in range(start, image_size):

@@ -190,6 +190,7 @@ PUBLISHED = {
     "resnet110": 1_727_962,
     "resnet1202": "19.4M",
     "resnet18": 11_689_512,
+    "mobilenet_v2": 3_504_872,   # the MobileNetV2 paper's Table 3 gives "3.4M"; torchvision's exact count
     "resnet34": 21_797_672,
     "resnet50": 25_557_032,
     "resnet101": 44_549_160,
@@ -240,7 +241,7 @@ def test_densenet264_count_follows_the_formula_that_gives_the_published_counts()
 
 
 def test_names_cover_every_model_and_get_rejects_unknown_names():
-    assert set(models.list_models()) == set(PUBLISHED) | {"densenet264"}
+    assert set(models.list_models()) == set(PUBLISHED) | {"densenet264", "mobilenet_v2_cifar"}
     with pytest.raises(ValueError, match="unknown model 'densenet99'.*densenet121"):
         models.get("densenet99")
 
@@ -282,7 +283,7 @@ def test_bad_configurations_say_what_is_expected():
 SLOW_FORWARD = {"densenet100_k12", "densenet100_k24", "densenet_bc250_k24", "densenet_bc190_k40",
                 "resnet1202"}
 IMAGENET = {"densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
-            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2"}
 
 
 def check_output_shape(name):
@@ -470,13 +471,16 @@ TWINS = {
         lambda: models.ResNet(models.Bottleneck, (1, 1), (4, 8), "imagenet", num_classes=5,
                               stride_in_3x3=True),
         lambda twins: twins.resnet(True, (1, 1), (4, 8), True, "B", 5, stride_in_3x3=True), 16),
+    "mobilenet_v2 cifar": (   # no dropout: its masks differ between the frameworks
+        lambda: models.mobilenet_v2_cifar(dropout=0.0),
+        lambda twins: twins.torchvision_mobilenet_v2(10, cifar=True, dropout=0.0), 16),
 }
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize("case", sorted(TWINS))
-def test_same_logits_and_gradients_as_the_pytorch_twin(case):
-    torch = pytest.importorskip("torch")
+def test_same_logits_and_gradients_as_the_pytorch_twin(case, one_torch_thread):
+    torch = one_torch_thread
     import torch_twins
     build_ours, build_theirs, size = TWINS[case]
     ours = build_ours().double()
@@ -499,8 +503,11 @@ def test_same_logits_and_gradients_as_the_pytorch_twin(case):
         np.testing.assert_allclose(x.grad.numpy(), xt.grad.numpy(), rtol=1e-9, atol=1e-12)
         their_params = dict(theirs.named_parameters())
         for name, p in ours.named_parameters():
-            np.testing.assert_allclose(p.grad.numpy(), their_params[name].grad.numpy(),
-                                       rtol=1e-9, atol=1e-12, err_msg=name)
+            # The absolute part scales with the gradient's size: an element that nearly
+            # cancels (1e-4 of its neighbours) keeps only the rounding of the large terms.
+            theirs_grad = their_params[name].grad.numpy()
+            np.testing.assert_allclose(p.grad.numpy(), theirs_grad, rtol=1e-9,
+                                       atol=1e-12 * max(1.0, np.abs(theirs_grad).max()), err_msg=name)
         their_buffers = dict(theirs.named_buffers())
         for name, b in ours.named_buffers():
             np.testing.assert_allclose(b.numpy(), their_buffers[name].numpy(), rtol=1e-12,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .. import backend
 from ..autograd import Tensor
 from . import tensor_methods
-from .activation import relu, sigmoid, tanh
+from .activation import hardtanh, relu, relu6, sigmoid, tanh
 from .array import (cat, chunk, clone, concat, concatenate, flatten, getitem, pad, permute, reshape,
                     split, squeeze, stack, to_device_and_dtype, transpose, unflatten, unsqueeze)
 from .connection import CONV_ALGORITHMS, conv2d, conv_algorithm, linear
@@ -40,7 +40,7 @@ def _install_tensor_methods():
 _install_tensor_methods()
 
 __all__ = [
-    "relu", "sigmoid", "tanh", "cat", "chunk", "clone", "concat", "concatenate", "flatten",
+    "relu", "relu6", "hardtanh", "sigmoid", "tanh", "cat", "chunk", "clone", "concat", "concatenate", "flatten",
     "getitem", "pad", "permute", "reshape", "split", "squeeze", "stack", "transpose", "unflatten",
     "unsqueeze", "to_device_and_dtype", "conv2d", "linear", "cross_entropy", "mse_loss",
     "nll_loss", "log_softmax", "log_softmax_array", "softmax", "abs", "add", "amax", "amin",

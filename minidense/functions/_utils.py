@@ -49,15 +49,18 @@ def sum_to(grad, shape):
     return grad.reshape(shape) if lead else grad
 
 
-def output_size(size: int, kernel: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - kernel) // stride + 1
+def output_size(size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
+    """Output length of a window of ``kernel`` taps ``dilation`` apart sliding with
+    ``stride`` over ``size`` values padded by ``pad`` at each end (PyTorch's formula)."""
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
 # ---------------------------------------------------------------------------
 # im2col and col2im
 # ---------------------------------------------------------------------------
 # im2col: one thread per element of col; a gather from x, PAD outside the image (0, or
-# -inf for max pooling).  Two layouts of col:
+# -inf for max pooling).  Tap (ky, kx) of output (oy, ox) reads row oy*SY - PH + ky*DY
+# and column ox*SX - PW + kx*DX (DY, DX: the dilation).  Two layouts of col:
 # "image" (N, C, KH, KW, OH, OW), for pooling, and "rows" (C, KH, KW, N, OH, OW), the
 # (C*KH*KW, N*OH*OW) patch matrix of a convolution, which then needs only 2-D GEMMs.
 # col2im: one thread per element of x (N, C, H, W); a gather from col, so the
@@ -79,8 +82,8 @@ _IM2COL_BODY = """
         ky = t % KH;
         nc = t / KH;
     }
-    int y = oy * SY - PH + ky;
-    int x_ = ox * SX - PW + kx;
+    int y = oy * SY - PH + ky * DY;
+    int x_ = ox * SX - PW + kx * DX;
     col = (0 <= y && y < H && 0 <= x_ && x_ < W) ? x[(nc * H + y) * W + x_] : PAD;
 """
 
@@ -103,12 +106,12 @@ _COL2IM_BODY = """
     }
     T acc = 0;
     for (int ky = 0; ky < KH; ++ky) {
-        int oy = yy - ky;
+        int oy = yy - ky * DY;
         if (oy < 0 || oy % SY != 0) continue;
         oy /= SY;
         if (oy >= OH) continue;
         for (int kx = 0; kx < KW; ++kx) {
-            int ox = xx - kx;
+            int ox = xx - kx * DX;
             if (ox < 0 || ox % SX != 0) continue;
             ox /= SX;
             if (ox >= OW) continue;
@@ -119,7 +122,7 @@ _COL2IM_BODY = """
 """
 
 _GEOMETRY = ("int32 N, int32 C, int32 H, int32 W, int32 OH, int32 OW, int32 KH, int32 KW, "
-             "int32 SY, int32 SX, int32 PH, int32 PW, bool ROWS")
+             "int32 SY, int32 SX, int32 PH, int32 PW, int32 DY, int32 DX, bool ROWS")
 _GEOMETRY_NAMES = tuple(p.split()[-1] for p in _GEOMETRY.split(", "))
 
 backend.register_index_variants(
@@ -130,45 +133,47 @@ backend.register_index_variants(
     scalars=_GEOMETRY_NAMES, where=__name__)
 
 
-def im2col(x, kernel, stride, pad, pad_value=0.0, writable=True, rows=False):
+def im2col(x, kernel, stride, pad, pad_value=0.0, writable=True, rows=False, dilation=(1, 1)):
     """Patches of ``x`` (N, C, H, W) as an array of shape (N, C, KH, KW, OH, OW).
 
-    ``col[n, c, ky, kx, oy, ox] = x_padded[n, c, oy*SY + ky, ox*SX + kx]``.  With
-    ``rows`` the patches come as the (C*KH*KW, N*OH*OW) matrix of a convolution
-    instead (axes ordered C, KH, KW, N, OH, OW), so that it takes 2-D matrix products
-    only.  On NumPy a strided view of the padded input is taken and, if ``writable``
-    or ``rows``, copied once; on CuPy one gather kernel writes it (whatever
-    ``pad_value``, so max pooling's -inf padding needs no padded copy there).
+    ``col[n, c, ky, kx, oy, ox] = x_padded[n, c, oy*SY + ky*DY, ox*SX + kx*DX]`` (DY, DX:
+    the ``dilation``).  With ``rows`` the patches come as the (C*KH*KW, N*OH*OW) matrix
+    of a convolution instead (axes ordered C, KH, KW, N, OH, OW), so that it takes 2-D
+    matrix products only (and, C being its outer axis, one batched product per group
+    of channels).  On NumPy a strided view of the padded input is taken and, if
+    ``writable`` or ``rows``, copied once; on CuPy one gather kernel writes it
+    (whatever ``pad_value``, so max pooling's -inf padding needs no padded copy there).
     """
-    (kh, kw), (sy, sx), (ph, pw) = kernel, stride, pad
+    (kh, kw), (sy, sx), (ph, pw), (dy, dx) = kernel, stride, pad, dilation
     n, c, h, w = x.shape
-    oh, ow = output_size(h, kh, sy, ph), output_size(w, kw, sx, pw)
+    oh, ow = output_size(h, kh, sy, ph, dy), output_size(w, kw, sx, pw, dx)
     xp = backend.get_array_module(x)
     if backend.device_of(x) != "cpu":   # per backend: a gather kernel on CuPy
         shape = (c, kh, kw, n, oh, ow) if rows else (n, c, kh, kw, oh, ow)
         col = xp.empty(shape, dtype=x.dtype)
         backend.index_kernel("im2col", x.size, col.size)(
-            xp.ascontiguousarray(x), n, c, h, w, oh, ow, kh, kw, sy, sx, ph, pw, rows, pad_value, col)
+            xp.ascontiguousarray(x), n, c, h, w, oh, ow, kh, kw, sy, sx, ph, pw, dy, dx, rows,
+            pad_value, col)
         return col.reshape(c * kh * kw, n * oh * ow) if rows else col
     if ph or pw:
         x = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
     s0, s1, s2, s3 = x.strides
     view = xp.lib.stride_tricks.as_strided(
-        x, (n, c, kh, kw, oh, ow), (s0, s1, s2, s3, s2 * sy, s3 * sx))
+        x, (n, c, kh, kw, oh, ow), (s0, s1, s2 * dy, s3 * dx, s2 * sy, s3 * sx))
     if rows:
         return view.transpose(1, 2, 3, 0, 4, 5).reshape(c * kh * kw, n * oh * ow)  # a copy
     return view.copy() if writable else view
 
 
-def col2im(col, image_shape, stride, pad, rows=False):
+def col2im(col, image_shape, stride, pad, rows=False, dilation=(1, 1)):
     """The adjoint of ``im2col``: sums every patch back onto the image (N, C, H, W).
     ``col`` is (N, C, KH, KW, OH, OW), or with ``rows`` the (C*KH*KW, N*OH*OW) matrix
     of ``im2col(..., rows=True)`` given with its kernel as ``(KH, KW)`` in ``rows``."""
-    (sy, sx), (ph, pw) = stride, pad
+    (sy, sx), (ph, pw), (dy, dx) = stride, pad, dilation
     n, c, h, w = image_shape
     if rows:
         kh, kw = rows
-        oh, ow = output_size(h, kh, sy, ph), output_size(w, kw, sx, pw)
+        oh, ow = output_size(h, kh, sy, ph, dy), output_size(w, kw, sx, pw, dx)
         col = col.reshape(c, kh, kw, n, oh, ow)
     else:
         n, c, kh, kw, oh, ow = col.shape
@@ -176,7 +181,8 @@ def col2im(col, image_shape, stride, pad, rows=False):
     if backend.device_of(col) != "cpu":   # per backend: a gather kernel on CuPy
         x = xp.empty((n, c, h, w), dtype=col.dtype)
         backend.index_kernel("col2im", x.size, col.size)(
-            xp.ascontiguousarray(col), n, c, h, w, oh, ow, kh, kw, sy, sx, ph, pw, bool(rows), x)
+            xp.ascontiguousarray(col), n, c, h, w, oh, ow, kh, kw, sy, sx, ph, pw, dy, dx,
+            bool(rows), x)
         return x
     if rows:
         col = col.transpose(3, 0, 1, 2, 4, 5)
@@ -184,5 +190,6 @@ def col2im(col, image_shape, stride, pad, rows=False):
     padded = xp.zeros((n, c, h + 2 * ph + sy - 1, w + 2 * pw + sx - 1), dtype=col.dtype)
     for ky in range(kh):
         for kx in range(kw):
-            padded[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx] += col[:, :, ky, kx]
+            top, left = ky * dy, kx * dx
+            padded[:, :, top:top + sy * oh:sy, left:left + sx * ow:sx] += col[:, :, ky, kx]
     return padded[:, :, ph:ph + h, pw:pw + w]

@@ -47,12 +47,12 @@ def forward_pointwise(x, w):
     return xp.matmul(w.reshape(o, c), x.reshape(n, c, h * wd)).reshape(n, o, h, wd)
 
 
-def forward(x, w, stride, padding, expands=None):
+def forward(x, w, stride, padding, expands=None, dilation=(1, 1)):
     """y = conv2d(x, w) on phase grids; ``expands``: "output" (output shifts) or "input"
     (im2col on the grids), None choosing the side with fewer channels."""
     xp = backend.get_array_module(x)
     o, c = w.shape[:2]
-    grid = TapGrid(x.shape, w.shape[2:], stride, padding)
+    grid = TapGrid(x.shape, w.shape[2:], stride, padding, dilation)
     size = grid.size
     dtype = np.result_type(x.dtype, w.dtype)
     x_grids = grid.phases(
@@ -86,12 +86,12 @@ def forward(x, w, stride, padding, expands=None):
     return grid.crop(y_grid)
 
 
-def backward(x, w, gy, stride, padding, want_gx, want_gw, expands=None):
+def backward(x, w, gy, stride, padding, want_gx, want_gw, expands=None, dilation=(1, 1)):
     """(gx, gw) on phase grids; ``expands``: "gy" (the transposed convolution) or "x"
     (patches and col2im), None choosing the side with fewer channels."""
     xp = backend.get_array_module(gy)
     o, c = w.shape[:2]
-    grid = TapGrid(x.shape, w.shape[2:], stride, padding)
+    grid = TapGrid(x.shape, w.shape[2:], stride, padding, dilation)
     phases, taps, size, input_size = len(grid.phase_taps), len(grid.taps), grid.size, grid.input_size
     dtype = np.result_type(x.dtype, w.dtype, gy.dtype)
     if want_gw:
@@ -161,7 +161,14 @@ def backward_pointwise(x, w, gy, want_gx, want_gw):
     gy_mat = gy.reshape(n, o, h * wd)
     gx = xp.matmul(w.reshape(o, c).T, gy_mat).reshape(x.shape) if want_gx else None
     gw = None
-    if want_gw:
+    if want_gw and h * wd < 64:
+        # Small maps (MobileNet's 4x4): one product over the whole batch, (O, N*H*W) @
+        # (N*H*W, C), after two small copies, instead of N products whose inner
+        # dimension H*W is too short for BLAS to run well (2.5x faster at 4x4).
+        gy_rows = xp.ascontiguousarray(gy_mat.transpose(1, 0, 2)).reshape(o, n * h * wd)
+        x_rows = xp.ascontiguousarray(x.reshape(n, c, h * wd).transpose(1, 0, 2)).reshape(c, n * h * wd)
+        gw = xp.matmul(gy_rows, x_rows.T).reshape(w.shape)
+    elif want_gw:
         gw = xp.matmul(gy_mat, x.reshape(n, c, h * wd).transpose(0, 2, 1)).sum(axis=0)
         gw = gw.reshape(w.shape)
     return gx, gw
@@ -195,11 +202,12 @@ def _patches(x_grids, grid):
 class TapGrid:
     """Flat grids on which every tap of a (strided) convolution is a plain shift.
 
-    A convolution with stride (sy, sx) reads the zero-padded image at row
-    ``oy*sy + ky`` and column ``ox*sx + kx``.  Split the padded image into its
-    sy*sx *phases* (rows ``a, a+sy, ...`` and columns ``b, b+sx, ...``): tap
-    (ky, kx) then reads phase (ky % sy, kx % sx) at (oy + ky // sy, ox + kx // sx),
-    a stride-1 shift.  (With stride 1 there is one phase: the padded image.)
+    A convolution with stride (sy, sx) and dilation (dy, dx) reads the zero-padded
+    image at row ``oy*sy + ry`` and column ``ox*sx + rx``, where (ry, rx) = (ky*dy,
+    kx*dx) is where tap (ky, kx) sits.  Split the padded image into its sy*sx *phases*
+    (rows ``a, a+sy, ...`` and columns ``b, b+sx, ...``): the tap then reads phase
+    (ry % sy, rx % sx) at (oy + ry // sy, ox + rx // sx), a stride-1 shift.  (With
+    stride 1 there is one phase: the padded image.)
 
     Each phase is stored channel-major and flattened over (image, row, column), one
     GH x GW cell per image, so that the 2-D shift (dy, dx) is the 1-D offset
@@ -218,22 +226,23 @@ class TapGrid:
     offset columns (a zero tail that the last image's taps read).
     """
 
-    def __init__(self, image_shape, kernel, stride, pad):
+    def __init__(self, image_shape, kernel, stride, pad, dilation=(1, 1)):
         n, c, h, w = image_shape
-        (kh, kw), (sy, sx), (ph, pw) = kernel, stride, pad
+        (kh, kw), (sy, sx), (ph, pw), (dy, dx) = kernel, stride, pad, dilation
         self.image_shape, self.stride, self.pad = tuple(image_shape), (sy, sx), (ph, pw)
-        self.oh, self.ow = output_size(h, kh, sy, ph), output_size(w, kw, sx, pw)
-        self.gh = _cell_length(h, kh, sy, ph, self.oh)
-        self.gw = _cell_length(w, kw, sx, pw, self.ow)
+        self.oh, self.ow = output_size(h, kh, sy, ph, dy), output_size(w, kw, sx, pw, dx)
+        # The cells as for an undilated kernel of the dilated one's span (enough room)
+        self.gh = _cell_length(h, dy * (kh - 1) + 1, sy, ph, self.oh)
+        self.gw = _cell_length(w, dx * (kw - 1) + 1, sx, pw, self.ow)
         self.size = n * self.gh * self.gw
         self.taps, self.offsets, self.tap_phase, self.phase_taps = [], [], [], []
         for a in range(sy):
             for b in range(sx):
                 first = len(self.taps)
-                for ky in range(a, kh, sy):
-                    for kx in range(b, kw, sx):
+                for ky in (ky for ky in range(kh) if ky * dy % sy == a):
+                    for kx in (kx for kx in range(kw) if kx * dx % sx == b):
                         self.taps.append((ky, kx))
-                        self.offsets.append((ky // sy) * self.gw + kx // sx)
+                        self.offsets.append((ky * dy // sy) * self.gw + kx * dx // sx)
                         self.tap_phase.append(a * sx + b)
                 self.phase_taps.append(slice(first, len(self.taps)))
         self.input_size = self.size + max(self.offsets)

@@ -24,6 +24,12 @@ additions only, done separably (rows, then columns) on strided views of whole ar
 
 The transform matrices hold only 0, +-1 and +-1/2, so in float64 the result is within
 rounding of the direct path; float32 loses a little more in the transforms' additions.
+
+A dilated kernel (taps d apart, stride 1) reads, for the outputs in rows a, a+d, ...
+and columns b, b+d, ..., only the padded input's rows a, a+d, ... and columns b, b+d,
+...: on that phase of the input it is an ordinary 3x3 convolution.  So a dilated
+convolution is d*d undilated ones, one per phase (``_dilated_forward``, ``_dilated_backward``).
+Groups are the caller's (``connection.py``: one call per group).
 """
 from __future__ import annotations
 
@@ -38,8 +44,11 @@ def applies(kernel, stride) -> bool:
     return tuple(kernel) + tuple(stride) == (3, 3, 1, 1)
 
 
-def forward(x, w, padding):
-    """y = conv2d(x, w, stride 1, padding) for a 3x3 kernel w: (N, C, H, W) -> (N, O, OH, OW)."""
+def forward(x, w, padding, dilation=(1, 1)):
+    """y = conv2d(x, w, stride 1, padding, dilation) for a 3x3 kernel w: (N, C, H, W) ->
+    (N, O, OH, OW)."""
+    if tuple(dilation) != (1, 1):
+        return _dilated_forward(x, w, padding, dilation)
     n = x.shape[0]
     o, c = w.shape[:2]
     (ph, pw) = padding
@@ -50,7 +59,9 @@ def forward(x, w, padding):
     return _output_transform(m.reshape(4, 4, o, n, th, tw), (oh, ow))
 
 
-def backward(x, w, gy, padding, want_gx, want_gw):
+def backward(x, w, gy, padding, want_gx, want_gw, dilation=(1, 1)):
+    if tuple(dilation) != (1, 1):
+        return _dilated_backward(x, w, gy, padding, want_gx, want_gw, dilation)
     gx = gw = None
     if want_gw:
         n, o, oh, ow = gy.shape
@@ -70,6 +81,42 @@ def backward(x, w, gy, padding, want_gx, want_gw):
         cy, cx = (max(p - 2, 0) for p in padding)
         if cy or cx:
             gx = np.ascontiguousarray(gx[:, :, cy:cy + h, cx:cx + wd])
+    return gx, gw
+
+
+def _phases(dilation, out_shape):
+    """The phases (a, b) that hold outputs, as (rows, columns) slices: the same select
+    the phase's outputs and the padded input's pixels they read."""
+    (dy, dx), (oh, ow) = dilation, out_shape
+    for a in range(min(dy, oh)):
+        for b in range(min(dx, ow)):
+            yield slice(a, None, dy), slice(b, None, dx)
+
+
+def _dilated_forward(x, w, padding, dilation):
+    (ph, pw), (dy, dx) = padding, dilation
+    x_pad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh, ow = x_pad.shape[2] - 2 * dy, x_pad.shape[3] - 2 * dx
+    y = np.empty((x.shape[0], w.shape[0], oh, ow), dtype=np.result_type(x, w))
+    for rows, cols in _phases(dilation, (oh, ow)):
+        y[:, :, rows, cols] = forward(x_pad[:, :, rows, cols], w, (0, 0))
+    return y
+
+
+def _dilated_backward(x, w, gy, padding, want_gx, want_gw, dilation):
+    (ph, pw) = padding
+    h, wd = x.shape[2:]
+    x_pad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    gx_pad = np.zeros(x_pad.shape, dtype=np.result_type(x, gy)) if want_gx else None
+    gw = np.zeros(w.shape, dtype=np.result_type(w, gy)) if want_gw else None
+    for rows, cols in _phases(dilation, gy.shape[2:]):
+        gx_phase, gw_phase = backward(x_pad[:, :, rows, cols], w, np.ascontiguousarray(gy[:, :, rows, cols]),
+                                      (0, 0), want_gx, want_gw)
+        if want_gx:   # the phases are disjoint: each pixel gets its phase's gradient
+            gx_pad[:, :, rows, cols] = gx_phase
+        if want_gw:
+            gw += gw_phase
+    gx = np.ascontiguousarray(gx_pad[:, :, ph:ph + h, pw:pw + wd]) if want_gx else None
     return gx, gw
 
 

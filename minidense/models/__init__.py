@@ -1,4 +1,4 @@
-"""The DenseNet and ResNet families as in their papers, by name.
+"""The DenseNet, ResNet and MobileNetV2 families as in their papers, by name.
 
     model = md.models.get("densenet_bc100_k12")            # CIFAR-10, 10 classes
     model = md.models.get("resnet20", shortcut="B")
@@ -14,6 +14,7 @@ from .densenet import (DenseBlock, DenseLayer, DenseNet, Transition, densenet40_
                        densenet100_k12, densenet100_k24, densenet121, densenet161, densenet169,
                        densenet201, densenet264, densenet_bc100_k12, densenet_bc190_k40,
                        densenet_bc250_k24, densenet_cifar, densenet_imagenet)
+from .mobilenet import InvertedResidual, MobileNetV2, mobilenet_v2, mobilenet_v2_cifar
 from .network import StagedNetwork
 from . import pretrained
 from .pretrained import export_state_dict, load_weights
@@ -29,6 +30,8 @@ _NAMED = {fn.__name__: fn for fn in (
     # ResNet paper, Section 4.2 (CIFAR) and Table 1 (ImageNet)
     resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202,
     resnet18, resnet34, resnet50, resnet101, resnet152,
+    # MobileNetV2 paper, Table 2 (ImageNet), and its CIFAR variant
+    mobilenet_v2, mobilenet_v2_cifar,
 )}
 # Families that need their configuration as keyword arguments (depth, growth_rate, ...).
 _FAMILIES = {fn.__name__: fn for fn in (densenet_cifar, resnet_cifar)}
@@ -66,4 +69,5 @@ def get(name, weights=None, **kwargs):
 
 __all__ = ["get", "list_models", "names", "export_state_dict", "load_weights", "DenseNet", "DenseBlock", "DenseLayer", "Transition",
            "ResNet", "BasicBlock", "Bottleneck", "ZeroPadShortcut", "StagedNetwork",
+           "MobileNetV2", "InvertedResidual",
            "densenet_cifar", "densenet_imagenet", "resnet_cifar", "resnet_imagenet", *names]

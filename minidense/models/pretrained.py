@@ -13,6 +13,9 @@ torchvision builds the ImageNet DenseNets (121, 161, 169, 201) and ResNets (18, 
     stage2.block1.conv1                                                           layer2.0.conv1
     stage2.block1.shortcut.conv, .norm                                            layer2.0.downsample.0, .1
 
+MobileNetV2 (``mobilenet_v2``) is built under torchvision's own module names
+(``features.N...``, ``classifier.1``), so its names map to themselves.
+
 One more difference: torchvision's ResNet-50/101/152
 subsample in the 3x3 convolution of a bottleneck ("ResNet v1.5"), where minidense's
 default follows the paper (the first 1x1): the shapes are the same either way, so
@@ -33,6 +36,7 @@ import numpy as np
 from .. import io
 from ..autograd import Tensor
 from .densenet import DenseNet
+from .mobilenet import TABLE_2, MobileNetV2
 from .resnet import Bottleneck, ResNet, ZeroPadShortcut
 
 # minidense name -> torchvision name: the first rule whose pattern matches renames the prefix.
@@ -52,6 +56,7 @@ _RESNET_RULES = (  # torchvision numbers the blocks of a stage from 0
     (r"stage(\d+)\.block(\d+)\.", lambda m: f"layer{m[1]}.{int(m[2]) - 1}."),
     (r"classifier\.fc\.", "fc."),
 )
+_SAME_NAMES = ((r"", ""),)   # MobileNetV2: torchvision's names are its own
 # How the two namings are told apart: the top-level names each one uses.
 _TORCHVISION_PREFIXES = ("features.", "classifier.weight", "classifier.bias", "conv1.", "bn1.",
                          "layer", "fc.")
@@ -99,7 +104,12 @@ def _why_not_torchvision(model):
                     "paper; torchvision's ResNet-50/101/152 do it in the 3x3 one: build the "
                     "model with stride_in_3x3=True")
         return None
-    return f"it is a {type(model).__name__}, not a DenseNet or a ResNet"
+    if isinstance(model, MobileNetV2):
+        if model.first_stride != 2 or model.table != TABLE_2:
+            return ("it is a CIFAR MobileNetV2 (stride 1 in the first convolution and the first "
+                    "stride-2 sequence)")
+        return None
+    return f"it is a {type(model).__name__}, not a DenseNet, a ResNet or a MobileNetV2"
 
 
 def _rename(name, rules):
@@ -118,7 +128,8 @@ def torchvision_names(model, what="torchvision_names"):
     if why is not None:
         raise ValueError(f"{what}: torchvision has no counterpart of this model: {why}. Save it "
                          f"in minidense's names instead: md.save(model.state_dict(), path)")
-    rules = _DENSENET_RULES if isinstance(model, DenseNet) else _RESNET_RULES
+    rules = (_DENSENET_RULES if isinstance(model, DenseNet) else
+             _SAME_NAMES if isinstance(model, MobileNetV2) else _RESNET_RULES)
     names = OrderedDict()
     for name in model.state_dict(keep_vars=True):  # module by module: torchvision's order
         names[name] = _rename(name, rules)
@@ -183,7 +194,8 @@ def load_weights(model, weights):
     without BatchNorm's ``num_batches_tracked`` (older ones) load with the counts at 0."""
     state = read_weights(weights)
     shown = None
-    if naming(state) == "torchvision":
+    # (A MobileNetV2's names are torchvision's: nothing to rename, CIFAR variant included.)
+    if naming(state) == "torchvision" and not isinstance(model, MobileNetV2):
         shown = torchvision_names(model, "load_weights")
         ours_by_theirs = {theirs: ours for ours, theirs in shown.items()}
         state = OrderedDict((ours_by_theirs.get(k, k), v) for k, v in state.items())

@@ -12,7 +12,7 @@ from ..autograd import Tensor
 from ..fast_paths import fast_paths_enabled
 from ..functions import (adaptive_avg_pool2d, avg_pool2d, batch_norm, batch_norm_relu, conv2d,
                          cross_entropy, dropout, flatten, global_avg_pool2d, linear, log_softmax,
-                         max_pool2d, mse_loss, relu, sigmoid, softmax, tanh)
+                         max_pool2d, mse_loss, relu, relu6, sigmoid, softmax, tanh)
 from ..functions._utils import pair
 from ..recompute import is_recomputing
 from . import init
@@ -26,17 +26,18 @@ def _to(module, device, dtype):
 
 
 class Conv2d(Module):
-    """2-D convolution.  PyTorch's default initialisation: weight Kaiming-uniform with
+    """2-D convolution, PyTorch's signature: the weight is (out_channels, in_channels /
+    groups, kh, kw).  PyTorch's default initialisation: weight Kaiming-uniform with
     a = sqrt(5), that is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the bias likewise
-    (the papers' models set their own: ``md.models``).  ``dilation`` and ``groups``
-    other than 1, and padding modes other than zeros, are not supported."""
+    (the papers' models set their own: ``md.models``).  Padding modes other than zeros
+    are not supported."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None):
         super().__init__()
-        if pair(dilation, "dilation") != (1, 1) or groups != 1:
-            raise NotImplementedError(f"Conv2d: dilation={dilation!r} and groups={groups!r} are "
-                                      f"not supported; minidense has dilation=1 and groups=1 only")
+        for name, channels in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if channels % groups:
+                raise ValueError(f"Conv2d: {name}={channels} is not divisible by groups={groups}")
         if padding_mode != "zeros":
             raise NotImplementedError(f"Conv2d: padding_mode={padding_mode!r} is not supported; "
                                       f"minidense pads with zeros")
@@ -45,7 +46,7 @@ class Conv2d(Module):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.padding_mode = padding_mode
         kh, kw = self.kernel_size
-        self.weight = Parameter(np.zeros((out_channels, in_channels, kh, kw), np.float32))
+        self.weight = Parameter(np.zeros((out_channels, in_channels // groups, kh, kw), np.float32))
         self.bias = Parameter(np.zeros((out_channels,), np.float32)) if bias else None
         if initialising():
             self.reset_parameters()
@@ -59,11 +60,14 @@ class Conv2d(Module):
             init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input):
-        return conv2d(input, self.weight, self.bias, self.stride, self.padding)
+        return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                      self.groups)
 
     def extra_repr(self):
+        options = "".join(f", {name}={value}" for name, value, default in (
+            ("dilation", self.dilation, 1), ("groups", self.groups, 1)) if value != default)
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+                f"stride={self.stride}, padding={self.padding}{options}, bias={self.bias is not None}")
 
 
 class BatchNorm2d(Module):
@@ -476,3 +480,15 @@ class ModuleDict(Module):
     def clear(self):
         for key in list(self._modules):
             del self[key]
+
+
+class ReLU6(Module):
+    """min(max(x, 0), 6) (``md.relu6``).  ``inplace`` is accepted, as PyTorch's, and the
+    op runs out of place."""
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, input):
+        return relu6(input)
