@@ -433,3 +433,115 @@ def test_a_model_on_cuda_exports_the_same_file(gpu):
     on_cpu = md.onnx.export(model, x, io.BytesIO(), dynamic_axes=DYNAMIC)
     on_gpu = md.onnx.export(model.to("cuda"), x.to("cuda"), io.BytesIO(), dynamic_axes=DYNAMIC)
     assert on_gpu.graph == on_cpu.graph
+
+
+# ---------------------------------------------------------------------------
+# The command and the example
+# ---------------------------------------------------------------------------
+def run_command(args, cwd, module="minidense.export"):
+    env = {"PYTHONPATH": str(REPO_ROOT), "OPENBLAS_THREAD_TIMEOUT": "4",
+           "MINIDENSE_DATA": str(cwd / "cache"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", module] + [str(a) for a in args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of a 1-epoch tiny run of minidense-train on the digits."""
+    folder = tmp_path_factory.mktemp("trained")
+    status, _, stderr = run_command(
+        ["--data", "digits", "--model", "densenet_cifar", "--model-args",
+         "depth=10,growth_rate=4,bottleneck=true,compression=0.5", "--subset", "64",
+         "--test-subset", "20", "--batch-size", "32", "--epochs", "1", "--no-plot",
+         "--out", folder / "run"], folder, module="minidense.train")
+    assert status == 0, stderr
+    return folder / "run" / "last.npz"
+
+
+def test_the_command_exports_a_training_checkpoint(checkpoint, tmp_path):
+    out = tmp_path / "model.onnx"
+    status, stdout, stderr = run_command([checkpoint, "--out", out, "--batch-size", "5"], tmp_path)
+    assert status == 0, stderr
+    lines = stdout.splitlines()
+    assert lines[0] == f"wrote {out}" and lines[1].startswith("opset 17 (IR version 8): input input (batch, 3, 32, 32)")
+    difference = float(lines[2].split(": ")[1].split()[0])
+    assert "random batch of 5" in lines[2] and difference < 1e-5
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    saved = md.load(checkpoint)
+    assert json.loads(meta["class_names"]) == list(saved["classes"])
+    np.testing.assert_allclose(json.loads(meta["mean"]), saved["normalization"]["mean"])
+    assert meta["model_name"].startswith("densenet_cifar(depth=10")
+
+
+def test_the_command_exports_a_weights_file_with_model(tmp_path):
+    md.manual_seed(0)
+    md.save(md.models.get("resnet20").state_dict(), tmp_path / "w.safetensors")
+    status, stdout, stderr = run_command([tmp_path / "w.safetensors", "--model", "resnet20",
+                                          "--out", tmp_path / "r.onnx"], tmp_path)
+    assert status == 0, stderr
+    assert "input input (batch, 3, 32, 32), output logits (batch, 10)" in stdout
+
+
+def command_error(args, capsys, monkeypatch, cwd):
+    """The command run in this process: its exit status 2 and its one error line."""
+    from minidense import export as command
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as exit_:
+        command.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exit_.value.code == 2 and out == "" and lines[0].startswith("usage: minidense-export")
+    assert [line for line in lines if "error" in line] == [lines[-1]]   # one error line
+    assert lines[-1].startswith("minidense-export: error: ")
+    return lines[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--opset", "9"], "--opset must be 13 to"),
+    (["--model-args", "depth=8"], "--model-args goes with --model"),
+    (["--model", "resnet21"], "unknown model 'resnet21'"),
+    (["--out", "no/such/folder/m.onnx"], "the folder no/such/folder does not exist"),
+])
+def test_the_command_refuses_bad_options_before_reading(args, message, tmp_path, capsys,
+                                                        monkeypatch):
+    """The checkpoint does not exist: reading it first would give another message."""
+    args = ["missing.npz"] + (["--out", "m.onnx"] if "--out" not in args else []) + args
+    assert message in command_error(args, capsys, monkeypatch, tmp_path)
+
+
+def test_the_command_refuses_an_unusable_checkpoint(tmp_path, capsys, monkeypatch):
+    assert "none.npz: no such file" in command_error(["none.npz", "--out", "m.onnx"], capsys,
+                                                     monkeypatch, tmp_path)
+    md.save({"weights": np.zeros(3)}, tmp_path / "other.npz")
+    assert "not a checkpoint of minidense.train" in command_error(
+        ["other.npz", "--out", "m.onnx"], capsys, monkeypatch, tmp_path)
+    assert "names are neither torchvision" in command_error(
+        ["other.npz", "--model", "resnet20", "--out", "m.onnx"], capsys, monkeypatch, tmp_path)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_example_classifies_with_onnx_runtime_alone(checkpoint, tmp_path):
+    from PIL import Image
+    out = tmp_path / "model.onnx"
+    assert run_command([checkpoint, "--out", out], tmp_path)[0] == 0
+    rng = np.random.default_rng(0)
+    for label in ("3", "7"):
+        (tmp_path / "images" / "test" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / "test" / label / f"{i}.png")
+    done = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "examples" / "onnx_inference.py"),
+                           str(out), str(tmp_path / "images")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"{out}: densenet_cifar(") and "input 3x32x32" in lines[0]
+    assert len(lines) == 1 + 6 + 1 and lines[1].startswith("test/3/0.png: ")
+    assert lines[-1].startswith("accuracy ") and lines[-1].endswith("/6)")
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "onnxruntime" in imported
+    assert not [m for m in imported if m == "minidense" or m.startswith("minidense.")]
