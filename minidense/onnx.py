@@ -646,9 +646,13 @@ def _convert(g, op, inputs, outputs):
     if converter is None:
         g.refuse(f"no ONNX counterpart in md.onnx's table (it converts "
                  f"{', '.join(supported_ops())})")
-    if g.batch_size is not None and g.batch_size > 1 and any(g.batched(t) for t in inputs):
+    # A constant the size of the batch beside a batched input of as many dims (the zeros
+    # of an old option-A shortcut) would fix the batch size.  (A per-channel constant,
+    # such as an affine=False BN's gamma, has fewer dims than the images it scales.)
+    batched_dims = {t.ndim for t in inputs if g.batched(t)}
+    if g.batch_size is not None and g.batch_size > 1 and batched_dims:
         for t in inputs:
-            if (id(t) not in g.values and id(t) not in g.named_tensors and t.ndim >= 1
+            if (id(t) not in g.values and id(t) not in g.named_tensors and t.ndim in batched_dims
                     and t.shape[0] == g.batch_size):
                 g.refuse(f"reads a constant of shape {tuple(t.shape)}, whose first dim is the "
                          f"traced batch size {g.batch_size}, beside the batch: the graph would "

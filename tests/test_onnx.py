@@ -6,6 +6,7 @@ the command (minidense-export) and examples/onnx_inference.py, which must not im
 minidense."""
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -349,6 +350,15 @@ def test_a_constant_of_the_traced_batch_size_is_refused():
     np.testing.assert_array_equal(got, expected)
 
 
+def test_a_per_channel_constant_of_the_batch_size_is_not_mistaken_for_one():
+    """affine=False: the op gets gamma and beta as constants of C = 3 values, at batch 3."""
+    bn = nn.BatchNorm2d(3, affine=False)
+    bn.running_var.data[...] = [0.5, 2.0, 1.5]
+    x = np.random.default_rng(0).standard_normal((3, 3, 2, 2)).astype(np.float32)
+    got, expected, _ = run_both(bn.eval(), x, dynamic_axes=DYNAMIC)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("fn, message", [
     (lambda t: t.reshape(-1), r"Reshape: reshapes \(3, 2\) to \(6,\), which merges or moves"),
     (lambda t: t.transpose(0, 1).reshape(2, 3), r"Reshape: .* depends on the batch size .* outside dim 0"),
@@ -439,8 +449,9 @@ def test_a_model_on_cuda_exports_the_same_file(gpu):
 # The command and the example
 # ---------------------------------------------------------------------------
 def run_command(args, cwd, module="minidense.export"):
-    env = {"PYTHONPATH": str(REPO_ROOT), "OPENBLAS_THREAD_TIMEOUT": "4",
-           "MINIDENSE_DATA": str(cwd / "cache"), "PATH": "/usr/bin:/bin"}
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OPENBLAS_THREAD_TIMEOUT="4",
+               MINIDENSE_DATA=str(cwd / "cache"))
+    env.pop("MINIDENSE_CIFAR10", None)
     done = subprocess.run([sys.executable, "-m", module] + [str(a) for a in args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
     assert "Traceback" not in done.stdout + done.stderr, done.stderr
@@ -535,7 +546,7 @@ def test_the_example_classifies_with_onnx_runtime_alone(checkpoint, tmp_path):
                 tmp_path / "images" / "test" / label / f"{i}.png")
     done = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "examples" / "onnx_inference.py"),
                            str(out), str(tmp_path / "images")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith(f"{out}: densenet_cifar(") and "input 3x32x32" in lines[0]
