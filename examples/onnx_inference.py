@@ -64,8 +64,9 @@ def main():
     mean = np.asarray(json.loads(meta.get("mean", "[0, 0, 0]")), dtype=np.float32)
     std = np.asarray(json.loads(meta.get("std", "[1, 1, 1]")), dtype=np.float32)
     classes = json.loads(meta["class_names"]) if "class_names" in meta else None
-    print(f"{args.model}: {meta.get('model_name', '?')} (minidense {meta.get('minidense_version', '?')}),"
-          f" input {channels}x{height}x{width}")
+    version = meta.get("minidense_version", "?")
+    print(f"{args.model}: {meta.get('model_name', '?')} (minidense {version}), "
+          f"input {channels}x{height}x{width}")
 
     images = list_images(Path(args.images))
     if args.limit:

@@ -82,7 +82,8 @@ def load(args):
     if args.model is None:
         model, checkpoint = load_model(args.checkpoint)
         settings = checkpoint["settings"]
-        name = settings["model"] + (f"({settings['model_args']})" if settings.get("model_args") else "")
+        arguments = settings.get("model_args")
+        name = settings["model"] + (f"({arguments})" if arguments else "")
         normalization = checkpoint["normalization"]
         metadata = dict(model_name=name, class_names=list(checkpoint["classes"]),
                         mean=normalization["mean"], std=normalization["std"])

@@ -377,7 +377,8 @@ def _getitem(g, op, inputs, outputs):
             start = (0 if step > 0 else -1) if item.start is None else int(item.start)
             stop = (INT64_MAX if step > 0 else INT64_MIN) if item.stop is None else int(item.stop)
             if (start, stop, step) != (0, INT64_MAX, 1):
-                starts, ends, axes, steps = starts + [start], ends + [stop], axes + [axis], steps + [step]
+                starts, ends, axes, steps = (starts + [start], ends + [stop], axes + [axis],
+                                             steps + [step])
             position += 1
         else:
             i = int(item)
@@ -534,9 +535,10 @@ def export(model, args=(), f=None, *, export_params=True, opset_version=None,
                          f"newest)")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
-        raise ExportError(f"md.onnx.export: the model is in training mode ({', '.join(training[:3])}"
-                          f"{' ...' if len(training) > 3 else ''}): batch norm would use the "
-                          f"batch's statistics and dropout would drop; call model.eval() first")
+        shown = ", ".join(training[:3]) + (" ..." if len(training) > 3 else "")
+        raise ExportError(f"md.onnx.export: the model is in training mode ({shown}): batch "
+                          f"norm would use the batch's statistics and dropout would drop; call "
+                          f"model.eval() first")
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     args = tuple(a if isinstance(a, Tensor) else Tensor(a) for a in args)
     calls, result = trace(model, args)

@@ -73,9 +73,8 @@ def residual_branch_ends(model):
 
 
 def session_of(proto):
-    """An ONNX Runtime session on one thread that does not spin: by default its threads
-    spin on the cores after each run, and on 2 cores minidense's next forward then takes
-    several times as long."""
+    """An ONNX Runtime session on one thread that does not spin (by default its pool's
+    threads spin on the cores after each run: the cores minidense's next forward needs)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -88,8 +87,8 @@ def export(model, shape, **options):
     buffer = io.BytesIO()
     example = md.tensor(np.random.default_rng(99).standard_normal((TRACED_BATCH,) + shape)
                         .astype(np.float32))
-    proto = md.onnx.export(model, example, buffer, dynamic_axes=options.pop("dynamic_axes", DYNAMIC),
-                           **options)
+    options.setdefault("dynamic_axes", DYNAMIC)
+    proto = md.onnx.export(model, example, buffer, **options)
     assert buffer.getvalue() == proto.SerializeToString()
     return proto
 
@@ -121,7 +120,8 @@ def check_model(name, shape, **kwargs):
 # ---------------------------------------------------------------------------
 # The models
 # ---------------------------------------------------------------------------
-CIFAR = ["resnet20", "resnet56", "densenet40_k12", pytest.param("mobilenet_v2_cifar", marks=needs_mobilenet)]
+CIFAR = ["resnet20", "resnet56", "densenet40_k12",
+         pytest.param("mobilenet_v2_cifar", marks=needs_mobilenet)]
 
 
 def check_graph(proto):
@@ -361,7 +361,8 @@ def test_a_per_channel_constant_of_the_batch_size_is_not_mistaken_for_one():
 
 @pytest.mark.parametrize("fn, message", [
     (lambda t: t.reshape(-1), r"Reshape: reshapes \(3, 2\) to \(6,\), which merges or moves"),
-    (lambda t: t.transpose(0, 1).reshape(2, 3), r"Reshape: .* depends on the batch size .* outside dim 0"),
+    (lambda t: t.transpose(0, 1).reshape(2, 3),
+     r"Reshape: .* depends on the batch size .* outside dim 0"),
     (lambda t: md.cat([t, t], 0).reshape(3, 4), r"Reshape: .* outside dim 0"),
 ])
 def test_a_reshape_that_would_fix_the_batch_is_refused(fn, message):
@@ -384,7 +385,8 @@ def test_without_onnx_the_error_names_the_extra(monkeypatch):
 
 
 def test_import_minidense_does_not_import_onnx():
-    code = "import sys, minidense; print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime')))"
+    code = ("import sys, minidense; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('onnx', 'onnxruntime')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                           text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -476,7 +478,8 @@ def test_the_command_exports_a_training_checkpoint(checkpoint, tmp_path):
     status, stdout, stderr = run_command([checkpoint, "--out", out, "--batch-size", "5"], tmp_path)
     assert status == 0, stderr
     lines = stdout.splitlines()
-    assert lines[0] == f"wrote {out}" and lines[1].startswith("opset 17 (IR version 8): input input (batch, 3, 32, 32)")
+    assert lines[0] == f"wrote {out}"
+    assert lines[1].startswith("opset 17 (IR version 8): input input (batch, 3, 32, 32)")
     difference = float(lines[2].split(": ")[1].split()[0])
     assert "random batch of 5" in lines[2] and difference < 1e-5
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -544,8 +547,9 @@ def test_the_example_classifies_with_onnx_runtime_alone(checkpoint, tmp_path):
         for i in range(3):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
                 tmp_path / "images" / "test" / label / f"{i}.png")
-    done = subprocess.run([sys.executable, "-X", "importtime", str(REPO_ROOT / "examples" / "onnx_inference.py"),
-                           str(out), str(tmp_path / "images")], cwd=tmp_path, capture_output=True,
+    example = REPO_ROOT / "examples" / "onnx_inference.py"
+    done = subprocess.run([sys.executable, "-X", "importtime", str(example), str(out),
+                           str(tmp_path / "images")], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
