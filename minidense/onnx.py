@@ -25,8 +25,9 @@ exporter follows dim 0 of the inputs named dynamic there (the batch) through the
 graph, so that the traced batch size never appears in it: ``x.view(x.size(0), -1)``
 becomes ``Flatten(axis=1)``, other reshapes that keep the batch ``Reshape`` with 0 (copy
 the dim) in its place, and a reshape that merges or moves the batch, or a constant
-whose first dim is the traced batch size beside a batched input, is refused.  Other
-dims are written as traced (a reshape fixes the image size it saw).
+whose first dim is the traced batch size beside a batched input of as many dims, is
+refused (trace at a batch of 2 or more for that check).  Other dims are written as
+traced (a reshape fixes the image size it saw).
 
 The known pitfalls, each handled and tested (tests/test_onnx.py)
 ----------------------------------------------------------------
