@@ -225,6 +225,20 @@ def test_a_users_model_matches_onnx_runtime():
     assert "Dropout" not in ops   # eval mode: dropout is the identity, as in minidense
 
 
+@pytest.mark.parametrize("index", [
+    lambda t: t[:, 1:3, ::2, ::-1], lambda t: t[..., 2], lambda t: t[:, None, -1, 1:-1],
+    lambda t: t[:, :, ::-2, 4:0:-1], lambda t: t[..., None, 1:], lambda t: t[:, 0, None]])
+def test_basic_indexing_keeps_the_batch_free(index):
+    """Slices (open ends stay open), ints, None and ... as Slice, Squeeze and Unsqueeze."""
+    x = np.random.default_rng(0).standard_normal((3, 4, 5, 6)).astype(np.float32)
+    got, expected, _ = run_both(index, x, dynamic_axes=DYNAMIC)
+    np.testing.assert_array_equal(got, expected)
+    model = Single(index).eval()
+    proto = md.onnx.export(model, md.tensor(x), io.BytesIO(), dynamic_axes=DYNAMIC)
+    (other,) = session_of(proto).run(None, {"input": x[:1]})   # another batch size
+    np.testing.assert_array_equal(other, expected[:1])
+
+
 def test_tracer_hook_sees_every_op_and_is_none_by_default():
     assert autograd.tracer is None
     calls = []
