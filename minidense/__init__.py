@@ -38,5 +38,5 @@ from .profiling import Profiler, profiler
 from . import workspace
 from .process import tune_process
 from .threads import get_num_threads, set_num_threads
-
-__version__ = "0.1.0"
+from . import onnx   # md.onnx.export; the onnx package itself is imported on first use
+from ._version import __version__

@@ -90,6 +90,12 @@ def enable_grad():
 # ---------------------------------------------------------------------------
 observer = None
 
+# The tracer: where an exporter hooks into the engine (``minidense.onnx`` sets it while it
+# runs the model once).  None, or a callable ``tracer(function, inputs, outputs)`` called
+# after every op's forward with the op object and its input and output Tensors.
+# Process-wide, like the observer.
+tracer = None
+
 
 # ---------------------------------------------------------------------------
 # Dtype rule
@@ -375,6 +381,8 @@ class Function:
         if prof is not None:
             prof.record_forward(type(self).__name__, start,
                                 sum(a.nbytes for a in self.saved if backend.is_array(a)))
+        if tracer is not None:
+            tracer(self, tensors, results)
         return results[0] if single else tuple(results)
 
     def _record(self, edges, outputs):

@@ -39,6 +39,8 @@ ALLOWLIST = {
     "md.dropout": "the keyword-only `generator=` (a NumPy/CuPy Generator for the mask)",
     "md.batch_norm": "no `cudnn_enabled` (minidense has no cuDNN): torch.batch_norm's ninth "
                      "argument is refused (F.batch_norm matches PyTorch's)",
+    "md.onnx.export": "the keyword-only metadata `model_name=`, `class_names=`, `mean=`, `std=` "
+                      "(written into the file's metadata_props)",
     "md.nn.Module.load_state_dict": "the keyword-only `names=` (the source's names, such as "
                                     "torchvision's, shown in the error beside minidense's)",
 }
@@ -52,6 +54,7 @@ NAMESPACES = [
     ("md.nn.utils", md.nn.utils, torch.nn.utils),
     ("md.optim", md.optim, torch.optim),
     ("md.optim.lr_scheduler", lr_scheduler, torch.optim.lr_scheduler),
+    ("md.onnx", md.onnx, torch.onnx),
 ]
 CLASSES = [
     ("md.Tensor", md.Tensor, torch.Tensor),

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .. import backend, nn
-from ..autograd import Tensor
-from ..functions import cat
+from .. import nn
+from ..functions import pad
 from .initialization import classifier_linear, he_normal_conv2d
 from .network import StagedNetwork, imagenet_stem
 
@@ -44,10 +43,9 @@ class ZeroPadShortcut(nn.Module):
     def forward(self, x):
         s = self.stride
         x = x[:, :, ::s, ::s]
-        n, c, h, w = x.shape
-        xp = backend.get_array_module(x.data)
-        zeros = Tensor(xp.zeros((n, self.out_channels - c, h, w), dtype=x.dtype))
-        return cat([x, zeros], 1)
+        # Zero channels after x's (PyTorch's F.pad widths run from the last dim back: W,
+        # H, then C): built from x, so nothing here depends on the batch size.
+        return pad(x, (0, 0, 0, 0, 0, self.out_channels - x.shape[1]))
 
     def extra_repr(self):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
