@@ -6,7 +6,6 @@ The single-process communicator is tested in-process."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time

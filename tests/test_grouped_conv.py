@@ -5,7 +5,6 @@ CuPy kernels on the pretend GPU), and the clamp of ReLU6."""
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 import minidense as md
 from minidense.functions import connection

@@ -244,7 +244,7 @@ def test_bad_weights_arguments_give_clear_errors(tmp_path):
 
 
 def test_weights_may_be_torch_tensors():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import torch_twins
     twin = torch_twins.torchvision("resnet18")
     model = models.get("resnet18", weights=twin.state_dict())
@@ -254,7 +254,7 @@ def test_weights_may_be_torch_tensors():
 @pytest.mark.slow  # builds all nine of torchvision's models; where torchvision does not import, skipped
 def test_with_torchvision_itself():
     torch = pytest.importorskip("torch")
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    pytest.importorskip("safetensors.torch")
     from record_torchvision_keys import import_torchvision
     try:
         torchvision = import_torchvision()  # also beside a torch it was not built for

@@ -188,7 +188,6 @@ def _weight_taps(w, grid, dtype):
 
 def _patches(x_grids, grid):
     """im2col on phase grids: (taps*C, size), row block k = the slice tap k reads."""
-    xp = backend.get_array_module(x_grids)
     c = x_grids.shape[1]
     patches = workspace.get("expanded", (len(grid.taps), c, grid.size), x_grids.dtype, x_grids)
 
