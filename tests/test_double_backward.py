@@ -139,13 +139,26 @@ def test_conv2d_groups_and_dilation(case):
                                  dilation=case.dilation, groups=case.groups) ** 2, [x, w])
 
 
+# The gradient ops compute with the convolution's own algorithm: each one on a square
+# stride-1 case, a strided rectangular one, a 1x1 one (the pointwise products) and a
+# dilated one (Winograd takes its stride-1 3x3 cases and leaves the rest to the default).
+GEOMETRIES = {"3x3": ((2, 2, 5, 5), (3, 3), dict(padding=1)),
+              "strided": ((2, 2, 6, 5), (3, 2), dict(stride=2, padding=(1, 0))),
+              "1x1": ((1, 3, 4, 4), (1, 1), dict()),
+              "dilated": ((1, 2, 7, 6), (3, 3), dict(padding=2, dilation=2))}
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("algorithm", md.CONV_ALGORITHMS)
-def test_conv2d_every_algorithm(algorithm):
+def test_conv2d_every_algorithm(algorithm, geometry):
     rng = np.random.default_rng(0)
-    groups = 2 if algorithm == "depthwise" else 1
-    x, w = T(rng.normal(size=(2, 2, 5, 5)), rng.normal(size=(4 if groups == 2 else 3, 2 // groups, 3, 3)))
+    x_shape, kernel, options = GEOMETRIES[geometry]
+    c = x_shape[1]
+    groups = c if algorithm == "depthwise" else 1
+    w_shape = (2 * c, 1) + kernel if algorithm == "depthwise" else (3, c) + kernel
+    x, w = T(rng.normal(size=x_shape), rng.normal(size=w_shape))
     with md.conv_algorithm(algorithm):
-        check(lambda x, w: md.conv2d(x, w, padding=1, groups=groups) ** 2, [x, w])
+        check(lambda x, w: md.conv2d(x, w, groups=groups, **options) ** 2, [x, w])
 
 
 @given(data=st.data())

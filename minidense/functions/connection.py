@@ -143,18 +143,27 @@ class Conv2d(Function):
         self.save_for_backward(x, w)
         # Fixed now, so that backward takes the same algorithm wherever it runs.
         self.algorithm = self._algorithm(x, w)
-        if self.algorithm == "depthwise":
-            y = depthwise.forward(x, w, self.stride, self.padding, self.dilation)
-        elif self.algorithm == "im2col":
-            y = self._forward_im2col(x, w)
-        elif g == 1:
-            y = self._forward_one_group(x, w)
-        else:  # phase grids and Winograd: one group at a time
-            y = backend.get_array_module(x).empty((n, o, oh, ow), dtype=np.result_type(x, w))
-            for ins, outs in _group_slices(c, o, g):
-                y[:, outs] = self._forward_one_group(x[:, ins], w[outs])
+        y = self._convolve(x, w)
         if b is not None:
             y += b.reshape(1, o, 1, 1)
+        return y
+
+    def _convolve(self, x, w):
+        """y = x convolved by w (no bias) by this convolution's algorithm, already chosen."""
+        if self.algorithm == "depthwise":
+            return depthwise.forward(x, w, self.stride, self.padding, self.dilation)
+        if self.algorithm == "im2col":
+            return self._forward_im2col(x, w)
+        if self.groups == 1:
+            return self._forward_one_group(x, w)
+        # phase grids and Winograd: one group at a time
+        n, c = x.shape[:2]
+        o = w.shape[0]
+        oh, ow = (output_size(s, k, st, p, d) for s, k, st, p, d in
+                  zip(x.shape[2:], w.shape[2:], self.stride, self.padding, self.dilation))
+        y = backend.get_array_module(x).empty((n, o, oh, ow), dtype=np.result_type(x, w))
+        for ins, outs in _group_slices(c, o, self.groups):
+            y[:, outs] = self._forward_one_group(x[:, ins], w[outs])
         return y
 
     def _algorithm(self, x, w):
@@ -184,28 +193,33 @@ class Conv2d(Function):
 
     def backward(self, gy):
         x, w = self.saved
-        want_gx, want_gw = self.needs_input_grad[:2]
-        if self.algorithm == "depthwise":
-            gx, gw = depthwise.backward(x, w, gy, self.stride, self.padding, self.dilation,
-                                        want_gx, want_gw)
-        elif self.algorithm == "im2col":
-            gx, gw = self._backward_im2col(x, w, gy, want_gx, want_gw)
-        elif self.groups == 1:
-            gx, gw = self._backward_one_group(x, w, gy, want_gx, want_gw)
-        else:  # phase grids and Winograd: one group at a time
-            xp = backend.get_array_module(gy)
-            gx = xp.empty(x.shape, dtype=x.dtype) if want_gx else None
-            gw = xp.empty(w.shape, dtype=w.dtype) if want_gw else None
-            for ins, outs in _group_slices(x.shape[1], w.shape[0], self.groups):
-                gx_g, gw_g = self._backward_one_group(x[:, ins], w[outs], gy[:, outs], want_gx, want_gw)
-                if want_gx:
-                    gx[:, ins] = gx_g
-                if want_gw:
-                    gw[outs] = gw_g
+        gx, gw = self._gradients(x, w, gy, *self.needs_input_grad[:2])
         if len(self.needs_input_grad) == 2:
             return gx, gw
         gb = gy.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None
         return gx, gw, gb
+
+    def _gradients(self, x, w, gy, want_gx, want_gw):
+        """(gx, gw) by this convolution's algorithm, either None when not wanted.  gx
+        reads only x's shape and dtype, and gw only w's."""
+        if self.algorithm == "depthwise":
+            return depthwise.backward(x, w, gy, self.stride, self.padding, self.dilation,
+                                      want_gx, want_gw)
+        if self.algorithm == "im2col":
+            return self._backward_im2col(x, w, gy, want_gx, want_gw)
+        if self.groups == 1:
+            return self._backward_one_group(x, w, gy, want_gx, want_gw)
+        # phase grids and Winograd: one group at a time
+        xp = backend.get_array_module(gy)
+        gx = xp.empty(x.shape, dtype=x.dtype) if want_gx else None
+        gw = xp.empty(w.shape, dtype=w.dtype) if want_gw else None
+        for ins, outs in _group_slices(x.shape[1], w.shape[0], self.groups):
+            gx_g, gw_g = self._backward_one_group(x[:, ins], w[outs], gy[:, outs], want_gx, want_gw)
+            if want_gx:
+                gx[:, ins] = gx_g
+            if want_gw:
+                gw[outs] = gw_g
+        return gx, gw
 
     def _backward_one_group(self, x, w, gy, want_gx, want_gw):
         """(gx, gw) of one group by phase grids or Winograd."""
@@ -263,18 +277,25 @@ class Conv2d(Function):
     # The gradients are ops themselves, which close on each other as in Chainer: the
     # input gradient is a transposed convolution (Conv2dGradInput), the weight gradient
     # an op of its own (Conv2dGradWeight), and each one's backward is made of
-    # convolutions and the other.  They run the basic algorithm.
+    # convolutions and the other.  They compute with this convolution's algorithm.
     differentiable = True
 
     def differentiable_backward(self, gy):
         x, w = self.saved_tensors()
         want_gx, want_gw = self.needs_input_grad[:2]
-        options = self.options()
-        gx = Conv2dGradInput(x.shape, *options)(gy, w) if want_gx else None
-        gw = Conv2dGradWeight(w.shape, *options)(x, gy) if want_gw else None
+        gx = Conv2dGradInput(x.shape, self)(gy, w) if want_gx else None
+        gw = Conv2dGradWeight(w.shape, self)(x, gy) if want_gw else None
         if len(self.needs_input_grad) == 2:
             return gx, gw
         return gx, gw, (gy.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None)
+
+    def _same_convolution(self):
+        """A Conv2d with this one's options and algorithm, already chosen: the
+        arithmetic of the gradient ops, whose own gradients are this convolution's."""
+        twin = Conv2d(*self.options())
+        twin.algorithm = self.algorithm
+        twin.forward_expands, twin.backward_expands = self.forward_expands, self.backward_expands
+        return twin
 
 
 def _gy_matrix(gy, groups):
@@ -284,30 +305,37 @@ def _gy_matrix(gy, groups):
     return xp.ascontiguousarray(gy.transpose(1, 0, 2, 3)).reshape(groups, o // groups, n * oh * ow)
 
 
+def _stand_in(shape, like):
+    """An array of ``shape`` that holds no memory (a broadcast zero): the algorithms'
+    input gradient needs only x's shape and dtype, and their weight gradient only w's."""
+    xp = backend.get_array_module(like)
+    return xp.broadcast_to(xp.zeros((), dtype=like.dtype), shape)
+
+
 class Conv2dGradInput(Function):
     """gx = the transposed convolution of gy by W (conv2d's input gradient), as an op.
     Linear in each of gy and W: d/dgy is conv2d by W, d/dW is Conv2dGradWeight."""
 
     differentiable = True
 
-    def __init__(self, x_shape, *options):
-        self.x_shape, self.conv = tuple(x_shape), Conv2d(*options)
+    def __init__(self, x_shape, conv):
+        self.x_shape, self.conv = tuple(x_shape), conv._same_convolution()
 
     def forward(self, gy, w):
         self.save_for_backward(gy, w)
-        return self.conv._input_grad_im2col(gy, w, self.x_shape)
+        return self.conv._gradients(_stand_in(self.x_shape, gy), w, gy, True, False)[0]
 
     def backward(self, g):
         gy, w = self.saved
-        ggy = self.conv._forward_im2col(g, w) if self.needs_input_grad[0] else None
-        gw = self.conv._weight_grad_im2col(g, gy, w.shape) if self.needs_input_grad[1] else None
+        ggy = self.conv._convolve(g, w) if self.needs_input_grad[0] else None
+        gw = (self.conv._gradients(g, _stand_in(w.shape, w), gy, False, True)[1]
+              if self.needs_input_grad[1] else None)
         return ggy, gw
 
     def differentiable_backward(self, g):
         gy, w = self.saved_tensors()
-        options = self.conv.options()
-        ggy = Conv2d(*options)(g, w) if self.needs_input_grad[0] else None
-        gw = Conv2dGradWeight(w.shape, *options)(g, gy) if self.needs_input_grad[1] else None
+        ggy = Conv2d(*self.conv.options())(g, w) if self.needs_input_grad[0] else None
+        gw = Conv2dGradWeight(w.shape, self.conv)(g, gy) if self.needs_input_grad[1] else None
         return ggy, gw
 
 
@@ -317,24 +345,24 @@ class Conv2dGradWeight(Function):
 
     differentiable = True
 
-    def __init__(self, w_shape, *options):
-        self.w_shape, self.conv = tuple(w_shape), Conv2d(*options)
+    def __init__(self, w_shape, conv):
+        self.w_shape, self.conv = tuple(w_shape), conv._same_convolution()
 
     def forward(self, x, gy):
         self.save_for_backward(x, gy)
-        return self.conv._weight_grad_im2col(x, gy, self.w_shape)
+        return self.conv._gradients(x, _stand_in(self.w_shape, x), gy, False, True)[1]
 
     def backward(self, g):
         x, gy = self.saved
-        gx = self.conv._input_grad_im2col(gy, g, x.shape) if self.needs_input_grad[0] else None
-        ggy = self.conv._forward_im2col(x, g) if self.needs_input_grad[1] else None
+        gx = (self.conv._gradients(_stand_in(x.shape, x), g, gy, True, False)[0]
+              if self.needs_input_grad[0] else None)
+        ggy = self.conv._convolve(x, g) if self.needs_input_grad[1] else None
         return gx, ggy
 
     def differentiable_backward(self, g):
         x, gy = self.saved_tensors()
-        options = self.conv.options()
-        gx = Conv2dGradInput(x.shape, *options)(gy, g) if self.needs_input_grad[0] else None
-        ggy = Conv2d(*options)(x, g) if self.needs_input_grad[1] else None
+        gx = Conv2dGradInput(x.shape, self.conv)(gy, g) if self.needs_input_grad[0] else None
+        ggy = Conv2d(*self.conv.options())(x, g) if self.needs_input_grad[1] else None
         return gx, ggy
 
 

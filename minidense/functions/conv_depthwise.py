@@ -120,13 +120,14 @@ def backward(x, w, gy, stride, padding, dilation, want_gx, want_gw):
 
 def _backward_cuda(x, w, gy, geometry, want_gx, want_gw, dtype):
     xp = backend.get_array_module(gy)
-    x, w, gy = (xp.ascontiguousarray(a) for a in (x, w, gy))
+    gy = xp.ascontiguousarray(gy)
     gx = gw = None
-    if want_gx:
+    if want_gx:   # x's shape alone: the second-order ops pass a stand-in for x
         gx = xp.empty(x.shape, dtype=dtype)
         backend.index_kernel("depthwise_backward_input", gy.size, gx.size)(
-            gy, w, *geometry.scalars(), gx)
-    if want_gw:
+            gy, xp.ascontiguousarray(w), *geometry.scalars(), gx)
+    if want_gw:   # w's shape alone, likewise
+        x = xp.ascontiguousarray(x)
         kh, kw = w.shape[2:]
         partial = xp.empty((geometry.n, geometry.o, kh, kw), dtype=dtype)   # per image
         backend.index_kernel("depthwise_backward_weight", x.size, gy.size, partial.size)(
