@@ -119,7 +119,7 @@ class Conv2d(Function):
         expect_ndim("conv2d", "input", x, 4, "N, C, H, W")
         expect_ndim("conv2d", "weight", w, 4, "out_channels, in_channels / groups, kh, kw")
         expect_one_dtype("conv2d", input=x, weight=w, bias=b)
-        n, c, h, wd = x.shape
+        c = x.shape[1]
         o, ci, kh, kw = w.shape
         g = self.groups
         if c % g:
@@ -134,8 +134,7 @@ class Conv2d(Function):
                              f"expects {ci * g}{per_group} (weight shape {tuple(w.shape)})")
         if b is not None and b.shape != (o,):
             raise ValueError(f"conv2d: bias must have shape ({o},), got {tuple(b.shape)}")
-        (sy, sx), (ph, pw), (dy, dx) = self.stride, self.padding, self.dilation
-        oh, ow = output_size(h, kh, sy, ph, dy), output_size(wd, kw, sx, pw, dx)
+        oh, ow = self._output_size(x.shape, w.shape)
         if oh <= 0 or ow <= 0:
             spread = f" with dilation {self.dilation}" if self.dilation != (1, 1) else ""
             raise ValueError(f"conv2d: a {kh}x{kw} kernel{spread} and padding {self.padding} do "
@@ -159,12 +158,16 @@ class Conv2d(Function):
         # phase grids and Winograd: one group at a time
         n, c = x.shape[:2]
         o = w.shape[0]
-        oh, ow = (output_size(s, k, st, p, d) for s, k, st, p, d in
-                  zip(x.shape[2:], w.shape[2:], self.stride, self.padding, self.dilation))
+        oh, ow = self._output_size(x.shape, w.shape)
         y = backend.get_array_module(x).empty((n, o, oh, ow), dtype=np.result_type(x, w))
         for ins, outs in _group_slices(c, o, self.groups):
             y[:, outs] = self._forward_one_group(x[:, ins], w[outs])
         return y
+
+    def _output_size(self, x_shape, w_shape):
+        """(OH, OW) of this convolution of an input of x_shape by weights of w_shape."""
+        return tuple(output_size(s, k, st, p, d) for s, k, st, p, d in
+                     zip(x_shape[2:], w_shape[2:], self.stride, self.padding, self.dilation))
 
     def _algorithm(self, x, w):
         """The algorithm of this convolution: the instance's, else the chosen one, with
@@ -240,8 +243,7 @@ class Conv2d(Function):
         xp = backend.get_array_module(x)
         n, g = x.shape[0], self.groups
         o, ci, kh, kw = w.shape
-        oh, ow = (output_size(s, k, st, p, d) for s, k, st, p, d in
-                  zip(x.shape[2:], (kh, kw), self.stride, self.padding, self.dilation))
+        oh, ow = self._output_size(x.shape, w.shape)
         cols = im2col(x, (kh, kw), self.stride, self.padding, rows=True, dilation=self.dilation)
         y = _matmul_per_group(w.reshape(g, o // g, ci * kh * kw),
                               cols.reshape(g, ci * kh * kw, n * oh * ow))   # (G, O/G, N*OH*OW)
